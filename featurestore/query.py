@@ -1,0 +1,121 @@
+"""SQL over the store: DuckDB views named after the tables, and result formatting.
+
+Views: ``tracks``, ``segments`` (summary columns; one feature set, by default the newest with
+commits) and ``sources`` (the latest record of every source URI). Views read committed shard
+files only (from the manifests), so a query never sees work in progress.
+"""
+
+from __future__ import annotations
+
+import os
+
+import duckdb
+import pandas as pd
+import pyarrow as pa
+
+from featurestore.schema import SOURCES_SCHEMA, TRACKS_SCHEMA, segments_schema
+from featurestore.store import FeatureStore
+from tasks.errors import ParameterError, StoreError
+
+OUTPUT_FORMATS = ("table", "csv", "json")
+
+
+def connect(store: FeatureStore, feature_set: str | None = None) -> duckdb.DuckDBPyConnection:
+    """Open an in-memory DuckDB connection with the store's views.
+
+    Parameters
+    ----------
+    store : FeatureStore
+    feature_set : str, optional
+        Feature set for ``tracks`` and ``segments``; defaults to the newest with commits.
+
+    Returns
+    -------
+    duckdb.DuckDBPyConnection
+    """
+    con = duckdb.connect()
+    try:
+        fs_id = feature_set or store.default_feature_set()
+    except StoreError:
+        fs_id = None
+    _parquet_view(con, "tracks", store, store.files(fs_id, "tracks") if fs_id else [],
+                  TRACKS_SCHEMA)
+    seg_schema = segments_schema(store.config(fs_id)) if fs_id else pa.schema(
+        [pa.field("track_id", pa.string()), pa.field("segment", pa.int32())])
+    _parquet_view(con, "segments", store, store.files(fs_id, "segments") if fs_id else [],
+                  seg_schema)
+    sources = sorted(store.fs.glob(store.path("sources", "*.parquet")))
+    _parquet_view(con, "sources_log", store, sources, SOURCES_SCHEMA)
+    con.execute(
+        "CREATE VIEW sources AS SELECT * EXCLUDE (rn) FROM (SELECT *, row_number() OVER "
+        "(PARTITION BY uri ORDER BY seen_at DESC) AS rn FROM sources_log) WHERE rn = 1"
+    )
+    return con
+
+
+def _parquet_view(con: duckdb.DuckDBPyConnection, name: str, store: FeatureStore,
+                  paths: list[str], schema: pa.Schema) -> None:
+    if not paths:
+        con.register(f"_{name}_empty", schema.empty_table())
+        con.execute(f"CREATE VIEW {name} AS SELECT * FROM _{name}_empty")
+        return
+    if not store.is_local:
+        from featurestore.remote import configure_duckdb
+
+        configure_duckdb(con, store)
+    files = ", ".join("'" + store.uri(p).replace("'", "''") + "'" for p in paths)
+    con.execute(f"CREATE VIEW {name} AS SELECT * FROM read_parquet([{files}])")
+
+
+def run_query(con: duckdb.DuckDBPyConnection, sql: str) -> pa.Table:
+    """Run ``sql`` and return the result as an Arrow table.
+
+    Raises
+    ------
+    ParameterError
+        If DuckDB rejects the query (the message names the problem).
+    """
+    try:
+        return con.sql(sql).to_arrow_table()
+    except duckdb.Error as exc:
+        raise ParameterError(f"query failed: {exc}") from exc
+
+
+def write_result(table: pa.Table, output: str) -> None:
+    """Write a result to ``output``; the format follows its extension (csv, json, parquet)."""
+    ext = os.path.splitext(output)[1].lower()
+    con = duckdb.connect()
+    con.register("result", table)
+    if ext == ".csv":
+        con.execute(f"COPY result TO '{_q(output)}' (FORMAT csv, HEADER)")
+    elif ext == ".json":
+        con.execute(f"COPY result TO '{_q(output)}' (FORMAT json, ARRAY true)")
+    elif ext in (".parquet", ".pq"):
+        con.execute(f"COPY result TO '{_q(output)}' (FORMAT parquet)")
+    else:
+        raise ParameterError(f"--output must end in .csv, .json or .parquet, got {output!r}")
+
+
+def format_result(table: pa.Table, fmt: str, *, max_rows: int = 100) -> str:
+    """Render a result for stdout as an aligned table, CSV or JSON (an array of objects)."""
+    if fmt not in OUTPUT_FORMATS:
+        raise ParameterError(f"format must be one of {OUTPUT_FORMATS}, got {fmt!r}")
+    frame = table.to_pandas(types_mapper=pd.ArrowDtype)
+    if fmt == "csv":
+        return str(frame.to_csv(index=False))
+    if fmt == "json":
+        return str(frame.to_json(orient="records", date_format="iso", indent=1))
+    if len(frame) == 0:
+        return " | ".join(table.column_names) + "\n(0 rows)\n"
+    shown = frame.head(max_rows)
+    text = str(shown.to_string(index=False, max_colwidth=60, float_format=_fmt_float))
+    more = f"\n... {len(frame) - max_rows} more rows" if len(frame) > max_rows else ""
+    return f"{text}{more}\n({len(frame)} rows)\n"
+
+
+def _fmt_float(x: float) -> str:
+    return f"{x:.4g}"
+
+
+def _q(path: str) -> str:
+    return path.replace("'", "''")

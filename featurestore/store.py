@@ -1,0 +1,311 @@
+"""Store layout, commits and recovery: where every file of a feature store lives.
+
+Layout under the store root (a local folder or an fsspec URL such as ``s3://bucket/store``)::
+
+    store.json                                  format marker
+    sources/part-<run>.parquet                  URI -> size, mtime, content hash (append-only)
+    features/<fs-id>/featureset.json            config, code version, columns, shapes
+    features/<fs-id>/shards/<shard>/tracks.parquet
+    features/<fs-id>/shards/<shard>/segments.parquet
+    features/<fs-id>/shards/<shard>/tensors.arrow
+    features/<fs-id>/_manifests/<shard>.json    the commit record, written last
+    _staging/<fs-id>/<shard>-<nonce>/           work in progress, never read
+
+Commit, then publish: workers write a whole shard under ``_staging``; :meth:`FeatureStore.commit`
+moves it into ``shards/`` (one atomic rename on a local disk) and then writes its manifest. A
+shard counts only once its manifest exists; :meth:`FeatureStore.recover` deletes everything
+else, so a crash at any moment leaves no partial shard visible and no duplicate rows.
+One writer per store at a time (:meth:`FeatureStore.lock`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime as dt
+import json
+import os
+import socket
+import uuid
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import fsspec
+import pyarrow as pa
+import pyarrow.parquet as pq
+from fsspec.implementations.local import LocalFileSystem
+
+from featurestore.schema import SOURCES_SCHEMA
+from tasks.config import FeatureConfig
+from tasks.errors import StoreError
+from tasks.track import summary_columns
+from tasks.version import CODE_VERSION
+
+STORE_FORMAT = 1
+SHARD_TABLES = ("tracks", "segments", "tensors")
+_FILENAMES = {"tracks": "tracks.parquet", "segments": "segments.parquet",
+              "tensors": "tensors.arrow"}
+
+
+@dataclass(frozen=True)
+class ShardManifest:
+    """The commit record of one shard."""
+
+    shard_id: str
+    feature_set: str
+    n_tracks: int
+    n_ok: int
+    n_failed: int
+    n_segments: int
+    audio_s: float
+    track_ids: list[str] = field(default_factory=list)
+    committed_at: str = ""
+    code_version: str = CODE_VERSION
+
+    def to_dict(self) -> dict[str, Any]:
+        """Return a JSON-serialisable dict."""
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> ShardManifest:
+        """Inverse of :meth:`to_dict`."""
+        return cls(**data)
+
+
+class FeatureStore:
+    """A feature store rooted at a local folder or an fsspec URL.
+
+    Parameters
+    ----------
+    url : str
+        Store root.
+    create : bool
+        Create the root if missing; otherwise a missing store raises :class:`StoreError`.
+    """
+
+    def __init__(self, url: str, *, create: bool = False) -> None:
+        self.url = url.rstrip("/")
+        self.fs, self.root = fsspec.core.url_to_fs(self.url)
+        self.is_local = isinstance(self.fs, LocalFileSystem)
+        if self.is_local:
+            self.root = os.path.abspath(self.root)
+        marker = self.path("store.json")
+        if not self.fs.exists(marker):
+            if not create:
+                raise StoreError(f"no feature store at {url} (run `mtag ingest` first)")
+            self.fs.makedirs(self.root, exist_ok=True)
+            self._write_json(marker, {"format": STORE_FORMAT, "created_at": _now()})
+
+    # --- paths ----------------------------------------------------------------------------
+    def path(self, *parts: str) -> str:
+        """Path of ``parts`` under the root, in the filesystem's own notation."""
+        return "/".join([self.root, *parts])
+
+    def uri(self, path: str) -> str:
+        """A path as URI for external readers (plain path when local)."""
+        if self.is_local:
+            return path
+        protocol = self.fs.protocol[0] if isinstance(self.fs.protocol, tuple) else self.fs.protocol
+        return f"{protocol}://{path}"
+
+    def shard_file(self, feature_set: str, shard_id: str, table: str) -> str:
+        """Path of a committed shard's file for ``table``."""
+        return self.path("features", feature_set, "shards", shard_id, _FILENAMES[table])
+
+    @staticmethod
+    def filename(table: str) -> str:
+        """File name of ``table`` inside a shard folder."""
+        return _FILENAMES[table]
+
+    # --- feature sets ---------------------------------------------------------------------
+    def register_feature_set(self, config: FeatureConfig) -> str:
+        """Record ``config`` as a feature set (idempotent) and return its id."""
+        fs_id = config.feature_set_id
+        target = self.path("features", fs_id, "featureset.json")
+        if not self.fs.exists(target):
+            self._write_json(target, {
+                "feature_set": fs_id,
+                "config": config.to_dict(),
+                "code_version": CODE_VERSION,
+                "summary_columns": summary_columns(config),
+                "shapes": {"logmel": [config.n_mels, config.segment_frames],
+                           "mfcc": [config.n_mfcc, config.segment_frames]},
+                "created_at": _now(),
+            })
+        return fs_id
+
+    def feature_sets(self) -> list[dict[str, Any]]:
+        """Every registered feature set's record, oldest first."""
+        records = [self._read_json(p) for p in self.fs.glob(self.path("features", "*",
+                                                                        "featureset.json"))]
+        return sorted(records, key=lambda r: r["created_at"])
+
+    def config(self, feature_set: str) -> FeatureConfig:
+        """The :class:`FeatureConfig` of a registered feature set."""
+        target = self.path("features", feature_set, "featureset.json")
+        if not self.fs.exists(target):
+            raise StoreError(f"feature set {feature_set} is not in store {self.url}")
+        return FeatureConfig.from_dict(self._read_json(target)["config"])
+
+    def default_feature_set(self) -> str:
+        """The most recently created feature set that has committed shards."""
+        for record in reversed(self.feature_sets()):
+            if self.manifests(record["feature_set"]):
+                return str(record["feature_set"])
+        raise StoreError(f"store {self.url} has no committed features yet")
+
+    # --- commits --------------------------------------------------------------------------
+    def staging_dir(self, feature_set: str, shard_id: str) -> str:
+        """A fresh staging folder for one attempt at a shard."""
+        path = self.path("_staging", feature_set, f"{shard_id}-{uuid.uuid4().hex[:8]}")
+        self.fs.makedirs(path, exist_ok=True)
+        return path
+
+    def manifests(self, feature_set: str) -> list[ShardManifest]:
+        """Manifests of every committed shard of ``feature_set``, by shard id."""
+        paths = self.fs.glob(self.path("features", feature_set, "_manifests", "*.json"))
+        return [ShardManifest.from_dict(self._read_json(p)) for p in sorted(paths)]
+
+    def committed_track_ids(self, feature_set: str) -> set[str]:
+        """Ids of every track (ok or failed) in a committed shard of ``feature_set``."""
+        return {t for m in self.manifests(feature_set) for t in m.track_ids}
+
+    def commit(self, staged_dir: str, manifest: ShardManifest) -> bool:
+        """Publish a staged shard: move it into place, then write its manifest.
+
+        Returns
+        -------
+        bool
+            ``False`` if the shard was already committed (the staged copy is discarded).
+        """
+        fs_id, shard = manifest.feature_set, manifest.shard_id
+        record = self.path("features", fs_id, "_manifests", f"{shard}.json")
+        final = self.path("features", fs_id, "shards", shard)
+        if self.fs.exists(record):
+            self.fs.rm(staged_dir, recursive=True)
+            return False
+        if self.fs.exists(final):  # left by a crash between move and manifest
+            self.fs.rm(final, recursive=True)
+        self.fs.makedirs(self.path("features", fs_id, "shards"), exist_ok=True)
+        if self.is_local:
+            os.rename(staged_dir, final)
+        else:
+            self.fs.mv(staged_dir, final, recursive=True)
+        data = manifest.to_dict() | {"committed_at": _now()}
+        self._write_json(record, data)
+        return True
+
+    def recover(self) -> int:
+        """Delete staging leftovers and shard folders that have no manifest.
+
+        Returns
+        -------
+        int
+            Number of folders removed.
+        """
+        removed = 0
+        staging = self.path("_staging")
+        if self.fs.exists(staging):
+            removed += len(self.fs.ls(staging))
+            self.fs.rm(staging, recursive=True)
+        for record in self.feature_sets():
+            fs_id = record["feature_set"]
+            committed = {m.shard_id for m in self.manifests(fs_id)}
+            for shard_dir in self.fs.glob(self.path("features", fs_id, "shards", "*")):
+                if os.path.basename(shard_dir.rstrip("/")) not in committed:
+                    self.fs.rm(shard_dir, recursive=True)
+                    removed += 1
+        return removed
+
+    def files(self, feature_set: str, table: str) -> list[str]:
+        """Paths of ``table``'s files in committed shards of ``feature_set``."""
+        return [self.shard_file(feature_set, m.shard_id, table)
+                for m in self.manifests(feature_set)]
+
+    # --- sources (identity cache) ---------------------------------------------------------
+    def known_sources(self) -> dict[str, tuple[int, float, str]]:
+        """Latest ``uri -> (size, mtime, content_hash)`` recorded by earlier runs."""
+        paths = sorted(self.fs.glob(self.path("sources", "*.parquet")))
+        known: dict[str, tuple[int, float, str]] = {}
+        for p in paths:
+            with self.fs.open(p, "rb") as fh:
+                table = pq.read_table(fh, columns=["uri", "size_bytes", "mtime",
+                                                   "content_hash"])
+            for uri, size, mtime, digest in zip(*(table[c].to_pylist() for c in table.column_names),
+                                                strict=True):
+                if digest:
+                    known[uri] = (size, mtime, digest)
+        return known
+
+    def record_sources(self, rows: list[dict[str, Any]]) -> None:
+        """Append ``rows`` (see :data:`featurestore.schema.SOURCES_SCHEMA`) to ``sources``."""
+        if not rows:
+            return
+        now = dt.datetime.now(dt.UTC)
+        table = pa.Table.from_pylist([r | {"seen_at": now} for r in rows], schema=SOURCES_SCHEMA)
+        target = self.path("sources", f"part-{_stamp()}-{uuid.uuid4().hex[:6]}.parquet")
+        self.fs.makedirs(self.path("sources"), exist_ok=True)
+        tmp = target + ".tmp"
+        with self.fs.open(tmp, "wb") as fh:
+            pq.write_table(table, fh)
+        self.fs.mv(tmp, target)
+
+    # --- single writer --------------------------------------------------------------------
+    @contextlib.contextmanager
+    def lock(self) -> Iterator[None]:
+        """Hold the store's writer lock; a live holder on this host makes this raise.
+
+        Raises
+        ------
+        StoreError
+            If another live process on this host holds the lock.
+        """
+        target = self.path("_lock.json")
+        me = {"host": socket.gethostname(), "pid": os.getpid(), "since": _now()}
+        if self.fs.exists(target):
+            holder = self._read_json(target)
+            if holder.get("host") == me["host"] and _alive(int(holder.get("pid", -1))) \
+                    and holder.get("pid") != me["pid"]:
+                raise StoreError(
+                    f"store {self.url} is being written by pid {holder['pid']} since "
+                    f"{holder.get('since')}; wait for it or stop it"
+                )
+        self._write_json(target, me)
+        try:
+            yield
+        finally:
+            with contextlib.suppress(FileNotFoundError):
+                self.fs.rm(target)
+
+    # --- helpers --------------------------------------------------------------------------
+    def _write_json(self, path: str, data: dict[str, Any]) -> None:
+        parent = path.rsplit("/", 1)[0]
+        self.fs.makedirs(parent, exist_ok=True)
+        tmp = f"{path}.{uuid.uuid4().hex[:6]}.tmp"
+        with self.fs.open(tmp, "w") as fh:
+            json.dump(data, fh, indent=1, sort_keys=True)
+        self.fs.mv(tmp, path)
+
+    def _read_json(self, path: str) -> dict[str, Any]:
+        with self.fs.open(path, "r") as fh:
+            return dict(json.load(fh))
+
+
+def _now() -> str:
+    return dt.datetime.now(dt.UTC).isoformat(timespec="microseconds")
+
+
+def _stamp() -> str:
+    return dt.datetime.now(dt.UTC).strftime("%Y%m%dT%H%M%S%f")
+
+
+def _alive(pid: int) -> bool:
+    if pid <= 0:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True

@@ -1,0 +1,200 @@
+"""Shard writer: one shard's tracks, segments and dense tensors, written into staging.
+
+A :class:`ShardWriter` is a context manager over a staging folder. Per track it takes the dense
+tensor batches as they are produced (kept in memory, spilled to a temporary Arrow stream once a
+track's share passes ``spill_bytes``), and only when the track finishes are its rows added to
+the shard, so a track that fails half-way leaves nothing behind. Every file is cast to its
+explicit schema, carries the feature set's metadata, and the writer returns the counts that go
+into the shard's manifest.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.ipc as ipc
+import pyarrow.parquet as pq
+
+from featurestore.schema import TRACKS_SCHEMA, segments_schema, tensors_schema, with_metadata
+from featurestore.store import FeatureStore
+from tasks.config import FeatureConfig
+from tasks.track import SegmentBatch, TrackResult, summary_columns
+
+DEFAULT_SPILL_BYTES = 64 << 20
+ROWS_PER_BATCH = 256
+
+
+@dataclass(frozen=True)
+class ShardCounts:
+    """What a finished shard holds."""
+
+    n_tracks: int
+    n_ok: int
+    n_failed: int
+    n_segments: int
+    audio_s: float
+    track_ids: list[str]
+
+
+class ShardWriter:
+    """Write one shard into ``directory`` (a staging folder of ``store``).
+
+    Parameters
+    ----------
+    store : FeatureStore
+    directory : str
+        Staging folder from :meth:`FeatureStore.staging_dir`.
+    config : FeatureConfig
+    shard_id : str
+    spill_bytes : int
+        Per-track tensor bytes held in memory before spilling to a temporary file.
+    """
+
+    def __init__(self, store: FeatureStore, directory: str, config: FeatureConfig,
+                 shard_id: str, *, spill_bytes: int = DEFAULT_SPILL_BYTES) -> None:
+        self.store, self.directory, self.config, self.shard_id = store, directory, config, shard_id
+        self.spill_bytes = spill_bytes
+        self._tensor_schema = tensors_schema(config)
+        self._segment_schema = segments_schema(config)
+        self._stat_names = summary_columns(config)
+        self._tracks: list[dict[str, Any]] = []
+        self._segments: list[pa.RecordBatch] = []
+        self._out_rows: list[pa.RecordBatch] = []
+        self._out_count = 0
+        self._pending: list[pa.RecordBatch] = []
+        self._pending_bytes = 0
+        self._spill: ipc.RecordBatchStreamWriter | None = None
+        self._spill_sink: Any = None
+        self._spill_path = f"{directory}/spill.arrows"
+        self._track_id: str | None = None
+        self._n_segments = 0
+        self._audio_s = 0.0
+
+    def __enter__(self) -> ShardWriter:
+        self._sink = self.store.fs.open(f"{self.directory}/tensors.arrow", "wb")
+        self._writer = ipc.new_file(self._sink, self._tensor_schema)
+        return self
+
+    def __exit__(self, exc_type: Any, exc: Any, tb: Any) -> None:
+        if exc_type is None:
+            self._finish()
+        else:
+            self._writer.close()
+            self._sink.close()
+            self._close_spill()
+
+    # --- per track ------------------------------------------------------------------------
+    def begin_track(self, track_id: str) -> None:
+        """Start collecting tensors of ``track_id``."""
+        self._track_id = track_id
+        self._pending, self._pending_bytes = [], 0
+
+    def add_batch(self, batch: SegmentBatch) -> None:
+        """Add dense tensors of the current track (called as segments complete)."""
+        assert self._track_id is not None, "begin_track first"
+        n = len(batch)
+        rb = pa.RecordBatch.from_arrays([
+            pa.array([self._track_id] * n, pa.string()),
+            pa.array(batch.index, pa.int32()),
+            pa.array(batch.valid_frames, pa.int32()),
+            _fixed_list(batch.logmel),
+            _fixed_list(batch.mfcc),
+        ], schema=self._tensor_schema)
+        self._pending.append(rb)
+        self._pending_bytes += rb.nbytes
+        if self._pending_bytes > self.spill_bytes:
+            if self._spill is None:
+                self._spill_sink = self.store.fs.open(self._spill_path, "wb")
+                self._spill = ipc.new_stream(self._spill_sink, self._tensor_schema)
+            for pending in self._pending:
+                self._spill.write_batch(pending)
+            self._pending, self._pending_bytes = [], 0
+
+    def end_track(self, row: dict[str, Any], result: TrackResult) -> None:
+        """Finish the current track successfully: its rows join the shard."""
+        track_id = self._track_id
+        assert track_id is not None
+        if self._spill is not None:
+            self._close_spill()
+            with self.store.fs.open(self._spill_path, "rb") as fh:
+                for rb in ipc.open_stream(fh):
+                    self._emit(rb)
+            self.store.fs.rm(self._spill_path)
+        for rb in self._pending:
+            self._emit(rb)
+        n = len(result.segment_index)
+        columns = [
+            pa.array([track_id] * n, pa.string()),
+            pa.array(result.segment_index, pa.int32()),
+            pa.array(result.start_s, pa.float64()),
+            pa.array(result.valid_frames * self.config.frame_seconds, pa.float64()),
+            pa.array(result.valid_frames, pa.int32()),
+        ] + [pa.array(result.stats[:, i], pa.float32()) for i in range(result.stats.shape[1])]
+        self._segments.append(pa.RecordBatch.from_arrays(columns, schema=self._segment_schema))
+        self._n_segments += n
+        self._audio_s += result.duration_s
+        self._tracks.append(row | {"n_segments": n})
+        self._reset_track()
+
+    def fail_track(self, row: dict[str, Any]) -> None:
+        """Record a track that failed or is unsupported; its tensors are discarded."""
+        if self._spill is not None:
+            self._close_spill()
+            self.store.fs.rm(self._spill_path)
+        self._tracks.append(row | {"n_segments": 0})
+        self._reset_track()
+
+    # --- internals ------------------------------------------------------------------------
+    def _reset_track(self) -> None:
+        self._track_id, self._pending, self._pending_bytes = None, [], 0
+
+    def _emit(self, rb: pa.RecordBatch) -> None:
+        self._out_rows.append(rb)
+        self._out_count += rb.num_rows
+        if self._out_count >= ROWS_PER_BATCH:
+            self._flush_tensors()
+
+    def _flush_tensors(self) -> None:
+        if self._out_rows:
+            table = pa.Table.from_batches(self._out_rows, schema=self._tensor_schema)
+            self._writer.write_table(table.combine_chunks(), max_chunksize=ROWS_PER_BATCH * 4)
+            self._out_rows, self._out_count = [], 0
+
+    def _close_spill(self) -> None:
+        if self._spill is not None:
+            self._spill.close()
+            self._spill_sink.close()
+            self._spill = None
+
+    def _finish(self) -> None:
+        self._flush_tensors()
+        self._writer.close()
+        self._sink.close()
+        now = dt.datetime.now(dt.UTC)
+        tracks = pa.Table.from_pylist(
+            [r | {"shard": self.shard_id, "feature_set": self.config.feature_set_id,
+                  "processed_at": r.get("processed_at", now)} for r in self._tracks],
+            schema=with_metadata(TRACKS_SCHEMA, self.config),
+        )
+        segments = pa.Table.from_batches(self._segments, schema=self._segment_schema)
+        for name, table in (("tracks", tracks), ("segments", segments)):
+            with self.store.fs.open(f"{self.directory}/{name}.parquet", "wb") as fh:
+                pq.write_table(table, fh, compression="zstd", row_group_size=65536)
+        self.counts = ShardCounts(
+            n_tracks=len(self._tracks),
+            n_ok=sum(r["status"] == "ok" for r in self._tracks),
+            n_failed=sum(r["status"] != "ok" for r in self._tracks),
+            n_segments=self._n_segments,
+            audio_s=self._audio_s,
+            track_ids=[r["track_id"] for r in self._tracks],
+        )
+
+
+def _fixed_list(x: np.ndarray) -> pa.FixedSizeListArray:
+    """``(S, a, b)`` float32 array as a fixed-size list array of ``a*b`` values per row."""
+    flat = np.ascontiguousarray(x, dtype=np.float32).reshape(x.shape[0], -1)
+    return pa.FixedSizeListArray.from_arrays(pa.array(flat.ravel()), flat.shape[1])

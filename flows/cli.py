@@ -1,0 +1,121 @@
+"""The ``mtag`` command line: ``ingest``, ``query``, ``demo``.
+
+Arguments are parsed here and turned into config objects; the work is done by the flows.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Sequence
+
+from flows.settings import apply_defaults
+
+
+def _feature_config(args: argparse.Namespace):  # type: ignore[no-untyped-def]
+    from tasks.config import FeatureConfig
+
+    data: dict = {}
+    if args.feature_config:
+        import yaml
+
+        with open(args.feature_config) as fh:
+            data = yaml.safe_load(fh) or {}
+    for key in ("sample_rate", "segment_s", "segment_hop_s"):
+        value = getattr(args, key, None)
+        if value is not None:
+            data[key] = value
+    return FeatureConfig.from_dict(data)
+
+
+def cmd_ingest(args: argparse.Namespace) -> int:
+    from flows.ingest import run_ingest, summary_json
+
+    summary = run_ingest(
+        args.source, args.store, config=_feature_config(args), dask_address=args.dask_address,
+        n_workers=args.workers, shard_minutes=args.shard_minutes, progress=not args.no_progress,
+    )
+    print(summary.render())
+    if args.json:
+        print(summary_json(summary))
+    return 1 if summary.shards_failed else 0
+
+
+def cmd_query(args: argparse.Namespace) -> int:
+    from featurestore.query import connect, format_result, run_query, write_result
+    from featurestore.store import FeatureStore
+
+    store = FeatureStore(args.store)
+    con = connect(store, args.feature_set)
+    table = run_query(con, args.sql)
+    if args.output:
+        write_result(table, args.output)
+        print(f"wrote {table.num_rows} rows to {args.output}", file=sys.stderr)
+    else:
+        sys.stdout.write(format_result(table, args.format, max_rows=args.max_rows))
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from flows.demo import run_demo
+
+    return run_demo(args.dir, n_tracks=args.tracks, workers=args.workers,
+                    progress=not args.no_progress)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="mtag", description="Music catalogue pipeline: ingest, query, demo.")
+    parser.add_argument("-v", "--verbose", action="store_true", help="show Prefect's logs")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("ingest", help="ingest a catalogue into a feature store")
+    p.add_argument("source", help="folder, fsspec URL prefix (s3://...), or CSV/Parquet manifest")
+    p.add_argument("--store", required=True, help="feature store root (folder or URL)")
+    p.add_argument("--dask-address", help="tcp://HOST:PORT of an existing Dask scheduler")
+    p.add_argument("--workers", type=int, help="local worker processes (default: cores)")
+    p.add_argument("--shard-minutes", type=float, default=60.0,
+                   help="audio minutes per shard task (default 60)")
+    p.add_argument("--feature-config", help="YAML file of FeatureConfig fields")
+    p.add_argument("--sample-rate", type=int, dest="sample_rate")
+    p.add_argument("--segment-s", type=float, dest="segment_s")
+    p.add_argument("--segment-hop-s", type=float, dest="segment_hop_s")
+    p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--json", action="store_true", help="also print the summary as JSON")
+    p.set_defaults(func=cmd_ingest)
+
+    p = sub.add_parser("query", help="run SQL over the store's views")
+    p.add_argument("sql")
+    p.add_argument("--store", required=True)
+    p.add_argument("--feature-set", help="feature set of the views (default: newest)")
+    p.add_argument("--format", choices=("table", "csv", "json"), default="table")
+    p.add_argument("--output", help="write to FILE (.csv, .json or .parquet)")
+    p.add_argument("--max-rows", type=int, default=100, help="rows shown as a table")
+    p.set_defaults(func=cmd_query)
+
+    p = sub.add_parser("demo", help="generate a demo catalogue, ingest it, query it")
+    p.add_argument("--dir", default="demo", help="folder for the catalogue and the store")
+    p.add_argument("--tracks", type=int, default=120)
+    p.add_argument("--workers", type=int)
+    p.add_argument("--no-progress", action="store_true")
+    p.set_defaults(func=cmd_demo)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    apply_defaults(quiet=not args.verbose)
+    from tasks.errors import MtagError
+
+    try:
+        return int(args.func(args))
+    except MtagError as exc:
+        print(f"mtag: error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
+
+__all__ = ["build_parser", "json", "main"]

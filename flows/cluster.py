@@ -1,0 +1,70 @@
+"""Dask cluster selection: an existing scheduler by address, or a LocalCluster on this machine."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+log = logging.getLogger("mtag")
+
+
+@dataclass(frozen=True)
+class ClusterInfo:
+    """Where the cluster is and how much it can run at once."""
+
+    address: str
+    dashboard: str | None
+    workers: int
+    threads: int
+
+
+def default_workers() -> int:
+    """Worker processes for a local cluster: one per core, at least one."""
+    return max(1, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity")
+               else (os.cpu_count() or 1))
+
+
+@contextlib.contextmanager
+def dask_cluster(address: str | None = None, *, n_workers: int | None = None,
+                 memory_limit: str = "auto", echo: bool = True) -> Iterator[ClusterInfo]:
+    """Yield a running Dask cluster.
+
+    Parameters
+    ----------
+    address : str, optional
+        ``tcp://HOST:PORT`` of an existing scheduler; by default a ``LocalCluster`` of worker
+        processes (one thread each) bound to 127.0.0.1 is started and stopped around the block.
+    n_workers : int, optional
+        Local worker processes (default: one per core).
+    memory_limit : str
+        Per-worker memory limit of a local cluster.
+    echo : bool
+        Print the dashboard address.
+    """
+    from distributed import Client, LocalCluster
+
+    if address:
+        with Client(address, timeout="30s") as client:
+            info = _info(client, address)
+        if echo:
+            print(f"Dask: scheduler {address}, {info.workers} workers; dashboard {info.dashboard}")
+        yield info
+        return
+    with LocalCluster(
+        n_workers=n_workers or default_workers(), threads_per_worker=1, processes=True,
+        host="127.0.0.1", dashboard_address="127.0.0.1:0", memory_limit=memory_limit,
+    ) as cluster, Client(cluster) as client:
+        info = _info(client, cluster.scheduler_address)
+        if echo:
+            print(f"Dask: local cluster, {info.workers} worker processes; "
+                  f"dashboard {info.dashboard}")
+        yield info
+
+
+def _info(client: object, address: str) -> ClusterInfo:
+    workers = client.scheduler_info(n_workers=-1)["workers"]  # type: ignore[attr-defined]
+    threads = sum(w.get("nthreads", 1) for w in workers.values())
+    return ClusterInfo(address, getattr(client, "dashboard_link", None), len(workers), threads)

@@ -1,0 +1,161 @@
+"""Worker-side bodies of the ingest tasks: probe a batch of files, process one shard.
+
+Plain functions (the Prefect wrappers are in :mod:`flows.ingest`): they connect the decode
+adapter and the pure feature code in :mod:`tasks` to the writers in :mod:`featurestore`.
+A track's failure becomes a row with its stage and error; only infrastructure errors (the store
+cannot be written) escape, so Prefect retries the shard.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import functools
+import os
+import resource
+import socket
+import time
+import traceback
+from typing import Any
+
+from featurestore.hashing import content_hash, track_id_of
+from featurestore.sources import SourceFile
+from featurestore.store import FeatureStore
+from featurestore.writer import ShardWriter
+from flows.records import ProbeRecord, ShardPlan, ShardResult
+from tasks.config import FeatureConfig
+from tasks.decode import audio_format, open_audio, probe, read_blocks
+from tasks.errors import DecodeError
+from tasks.features import SpectralExtractor
+from tasks.track import extract_track, finite_or_none
+
+MAX_ERROR_CHARS = 500
+
+
+@functools.lru_cache(maxsize=4)
+def _extractor(config_json: str) -> SpectralExtractor:
+    """One extractor (window, filter banks) per worker process and config."""
+    import json
+
+    return SpectralExtractor(FeatureConfig.from_dict(json.loads(config_json)))
+
+
+def probe_files(files: list[SourceFile]) -> list[ProbeRecord]:
+    """Hash each file and read its header; failures become records, never exceptions."""
+    return [probe_one(f) for f in files]
+
+
+def probe_one(f: SourceFile) -> ProbeRecord:
+    """Hash and probe one file."""
+    base: dict[str, Any] = {"uri": f.uri, "size_bytes": f.size_bytes, "mtime": f.mtime}
+    try:
+        digest = content_hash(f.uri)
+    except OSError as exc:
+        digest = _digest_of_error(f.uri)  # stable per URI, never a real content hash
+        return ProbeRecord(**base, content_hash=digest, track_id=track_id_of(digest),
+                           status="failed", stage="probe", error=_short(f"cannot read: {exc}"))
+    ident = {"content_hash": digest, "track_id": track_id_of(digest)}
+    fmt = audio_format(f.uri)
+    if fmt is None:
+        ext = os.path.splitext(f.uri)[1] or "(none)"
+        return ProbeRecord(**base, **ident, status="unsupported", stage="probe",
+                           error=f"unsupported file type {ext}")
+    try:
+        info = probe(f.uri)
+    except DecodeError as exc:
+        return ProbeRecord(**base, **ident, status="failed", stage="probe", format=fmt,
+                           error=_short(str(exc)))
+    return ProbeRecord(**base, **ident, status="ok", format=fmt, sample_rate=info.sample_rate,
+                       channels=info.channels, duration_s=info.duration_s)
+
+
+def run_shard(store_url: str, config_json: str, plan: ShardPlan) -> ShardResult:
+    """Process every track of ``plan`` into a staged shard of ``store_url``.
+
+    Returns
+    -------
+    ShardResult
+        Counts, the staging folder to commit, compute time and the worker's peak memory.
+    """
+    import json
+
+    started = time.perf_counter()
+    config = FeatureConfig.from_dict(json.loads(config_json))
+    extractor = _extractor(config_json)
+    store = FeatureStore(store_url)
+    staged = store.staging_dir(plan.feature_set, plan.shard_id)
+    errors: list[tuple[str, str, str]] = []
+    with ShardWriter(store, staged, config, plan.shard_id) as writer:
+        for record in plan.tracks:
+            failure = _process_track(record, config, extractor, writer)
+            if failure:
+                errors.append((record.uri, *failure))
+    counts = writer.counts
+    return ShardResult(
+        shard_id=plan.shard_id, staged_dir=staged, n_tracks=counts.n_tracks, n_ok=counts.n_ok,
+        n_failed=counts.n_failed, n_segments=counts.n_segments, audio_s=counts.audio_s,
+        compute_s=time.perf_counter() - started,
+        peak_rss_mb=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0,
+        worker=f"{socket.gethostname()}:{os.getpid()}", track_ids=counts.track_ids,
+        errors=errors,
+    )
+
+
+def _process_track(record: ProbeRecord, config: FeatureConfig, extractor: SpectralExtractor,
+                   writer: ShardWriter) -> tuple[str, str] | None:
+    """Write one track (or its failure row); return ``(stage, error)`` on failure."""
+    row: dict[str, Any] = {
+        "track_id": record.track_id, "path": record.uri, "status": record.status,
+        "stage": record.stage, "error": record.error, "format": record.format,
+        "sample_rate": record.sample_rate, "channels": record.channels,
+        "duration_s": record.duration_s, "content_hash": record.content_hash,
+        "size_bytes": record.size_bytes,
+    }
+    if record.status != "ok":
+        writer.fail_track(row)
+        return (record.stage or "probe", record.error or record.status)
+    started = time.perf_counter()
+    stage = "decode"
+    try:
+        with open_audio(record.uri) as snd:
+            writer.begin_track(record.track_id)
+            stage = "features"
+            result = extract_track(read_blocks(snd), snd.samplerate, config, extractor,
+                                   writer.add_batch)
+        row |= {
+            "status": "ok", "stage": None, "error": None, "duration_s": result.duration_s,
+            "peak_dbfs": finite_or_none(result.peak_dbfs),
+            "rms_dbfs": finite_or_none(result.rms_dbfs),
+            "compute_s": time.perf_counter() - started,
+            "processed_at": dt.datetime.now(dt.UTC),
+        }
+        stage = "write"
+        writer.end_track(row, result)
+        return None
+    except DecodeError as exc:
+        error, stage = str(exc), "decode"
+    except MemoryError:
+        error = "out of memory"
+    except Exception as exc:  # a bug or an unforeseen file: recorded, the shard goes on
+        error = f"{type(exc).__name__}: {exc} [{_where(exc)}]"
+    row |= {"status": "failed", "stage": stage, "error": _short(error),
+            "compute_s": time.perf_counter() - started}
+    writer.fail_track(row)
+    return (stage, row["error"])
+
+
+def _short(text: str) -> str:
+    return text if len(text) <= MAX_ERROR_CHARS else text[: MAX_ERROR_CHARS - 1] + "…"
+
+
+def _where(exc: BaseException) -> str:
+    frames = traceback.extract_tb(exc.__traceback__)
+    if not frames:
+        return "?"
+    last = frames[-1]
+    return f"{os.path.basename(last.filename)}:{last.lineno}"
+
+
+def _digest_of_error(uri: str) -> str:
+    from featurestore.hashing import short_hash
+
+    return short_hash("unreadable", uri, digest_size=16)

@@ -1,0 +1,235 @@
+"""The ingest flow: list, probe, plan shards, extract over Dask, commit, summarise.
+
+``ingest_flow`` is a Prefect flow whose tasks run on a ``DaskTaskRunner``; one task run handles
+a batch of files (probe) or a shard of tracks sized by audio minutes (extract), never a single
+track. :func:`run_ingest` is the entry point that picks the cluster and runs the flow.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from prefect import flow, get_run_logger, task
+from prefect.cache_policies import NO_CACHE
+from prefect.futures import as_completed
+from prefect_dask import DaskTaskRunner
+
+from featurestore.sources import SourceFile, discover
+from featurestore.store import FeatureStore, ShardManifest
+from flows.cluster import dask_cluster
+from flows.extract import probe_files, run_shard
+from flows.plan import batches, dedupe, plan_shards, triage
+from flows.progress import Progress
+from flows.records import ProbeRecord, ShardPlan, ShardResult
+from tasks.config import FeatureConfig
+
+log = logging.getLogger("mtag")
+
+PROBE_BATCH_MAX = 2000
+
+
+@dataclass
+class IngestSummary:
+    """What an ingest run did (printed at the end, returned to callers)."""
+
+    feature_set: str
+    files: int = 0
+    unchanged: int = 0
+    duplicates: int = 0
+    ok: int = 0
+    failed: int = 0
+    unsupported: int = 0
+    segments: int = 0
+    shards: int = 0
+    shards_failed: int = 0
+    audio_s: float = 0.0
+    compute_s: float = 0.0
+    wall_s: float = 0.0
+    workers: int = 1
+    peak_rss_mb: dict[str, float] = field(default_factory=dict)
+    errors: list[tuple[str, str, str]] = field(default_factory=list)
+
+    @property
+    def skipped(self) -> int:
+        """Files that needed no work: unchanged since the last run, or duplicate content."""
+        return self.unchanged + self.duplicates
+
+    @property
+    def realtime_x(self) -> float:
+        """Audio seconds processed per wall second."""
+        return self.audio_s / self.wall_s if self.wall_s > 0 else 0.0
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready dict including derived figures."""
+        return asdict(self) | {"skipped": self.skipped, "realtime_x": self.realtime_x}
+
+    def render(self) -> str:
+        """Human-readable end-of-run summary."""
+        if self.ok + self.failed + self.unsupported == 0 and self.shards_failed == 0:
+            return (f"Nothing to do: all {self.files} files are already in feature set "
+                    f"{self.feature_set} ({self.unchanged} unchanged, {self.duplicates} "
+                    f"duplicate or renamed).")
+        hours = self.audio_s / 3600
+        per_core = self.realtime_x / max(1, self.workers)
+        lines = [
+            f"Ingested into feature set {self.feature_set}: "
+            f"{self.ok} ok, {self.failed} failed, {self.unsupported} unsupported, "
+            f"{self.skipped} skipped (already in store or duplicate)",
+            f"  {hours:.2f} h of audio, {self.segments} segments in {self.shards} shards; "
+            f"wall {self.wall_s:.1f} s = {self.realtime_x:.0f}x realtime "
+            f"({per_core:.0f}x per worker, {self.workers} workers)",
+        ]
+        if self.shards_failed:
+            lines.append(f"  {self.shards_failed} shards failed after retries; "
+                         "run again to finish them")
+        for path, stage, error in self.errors[:10]:
+            lines.append(f"  ! {stage:8s} {path}: {error}")
+        if len(self.errors) > 10:
+            lines.append(f"  ... {len(self.errors) - 10} more (query the tracks table)")
+        return "\n".join(lines)
+
+
+@task(name="probe-files", retries=2, retry_delay_seconds=2, cache_policy=NO_CACHE)
+def probe_task(files: list[SourceFile]) -> list[ProbeRecord]:
+    """Hash and read the headers of a batch of files."""
+    return probe_files(files)
+
+
+@task(name="extract-shard", retries=2, retry_delay_seconds=2, cache_policy=NO_CACHE,
+      task_run_name="extract-{plan.shard_id}")
+def shard_task(store_url: str, config_json: str, plan: ShardPlan) -> ShardResult:
+    """Decode, resample, segment and extract features of one shard into staging."""
+    return run_shard(store_url, config_json, plan)
+
+
+@flow(name="ingest", validate_parameters=False)
+def ingest_flow(source: str, store: str, config: dict[str, Any] | None = None,
+                shard_minutes: float = 60.0, workers: int = 1,
+                progress: bool = True) -> dict[str, Any]:
+    """Ingest ``source`` into the feature store at ``store``; return the summary as a dict."""
+    logger = get_run_logger()
+    started = time.perf_counter()
+    cfg = FeatureConfig.from_dict(config or {})
+    fstore = FeatureStore(store, create=True)
+    with fstore.lock():
+        removed = fstore.recover()
+        if removed:
+            logger.info("recovered: removed %d uncommitted shard folders", removed)
+        fs_id = fstore.register_feature_set(cfg)
+        summary = IngestSummary(feature_set=fs_id, workers=workers)
+        files = discover(source)
+        summary.files = len(files)
+        committed = fstore.committed_track_ids(fs_id)
+        plan = triage(files, fstore.known_sources(), committed)
+        summary.unchanged = plan.unchanged
+        logger.info("%d files listed, %d unchanged, %d to probe",
+                    len(files), plan.unchanged, len(plan.to_probe))
+        records = _probe(plan.to_probe, workers, progress)
+        fstore.record_sources([
+            {"uri": r.uri, "size_bytes": r.size_bytes, "mtime": r.mtime,
+             "content_hash": r.content_hash, "track_id": r.track_id} for r in records
+        ])
+        pending, summary.duplicates = dedupe(records, committed)
+        shards = plan_shards(pending, fs_id, shard_minutes=shard_minutes,
+                             min_shards=2 * workers)
+        if shards:
+            _extract(fstore, cfg, shards, summary, progress)
+    summary.wall_s = time.perf_counter() - started
+    logger.info(summary.render())
+    return summary.to_dict()
+
+
+def _probe(files: list[SourceFile], workers: int, progress: bool) -> list[ProbeRecord]:
+    if not files:
+        return []
+    futures = probe_task.map(batches(files, 2 * workers, PROBE_BATCH_MAX))
+    records: list[ProbeRecord] = []
+    with Progress("probe", total=len(files), unit="files", enabled=progress) as bar:
+        for future in as_completed(futures):
+            got = future.result()
+            records.extend(got)
+            bar.advance(len(got))
+    return records
+
+
+def _extract(fstore: FeatureStore, cfg: FeatureConfig, shards: list[ShardPlan],
+             summary: IngestSummary, progress: bool) -> None:
+    logger = get_run_logger()
+    config_json = cfg.to_json()
+    futures = shard_task.map(fstore.url, config_json, shards)
+    by_id = {s.shard_id: s for s in shards}
+    total_min = sum(s.audio_s for s in shards) / 60.0
+    with Progress("extract", total=total_min, unit="audio min", enabled=progress) as bar:
+        for future in as_completed(futures):
+            state = future.wait() or future.state
+            if not future.state.is_completed():
+                summary.shards_failed += 1
+                logger.error("shard failed after retries: %s", future.state.message)
+                continue
+            result: ShardResult = future.result()
+            plan = by_id[result.shard_id]
+            manifest = ShardManifest(
+                shard_id=result.shard_id, feature_set=summary.feature_set,
+                n_tracks=result.n_tracks, n_ok=result.n_ok, n_failed=result.n_failed,
+                n_segments=result.n_segments, audio_s=result.audio_s,
+                track_ids=result.track_ids,
+            )
+            fstore.commit(result.staged_dir, manifest)
+            unsupported = sum(t.status == "unsupported" for t in plan.tracks)
+            summary.ok += result.n_ok
+            summary.unsupported += unsupported
+            summary.failed += result.n_failed - unsupported
+            summary.segments += result.n_segments
+            summary.audio_s += result.audio_s
+            summary.compute_s += result.compute_s
+            summary.shards += 1
+            summary.errors.extend(e for e in result.errors if e[2] and "unsupported" not in e[2])
+            summary.peak_rss_mb[result.worker] = max(
+                summary.peak_rss_mb.get(result.worker, 0.0), result.peak_rss_mb)
+            bar.advance(plan.audio_s / 60.0)
+            del state
+
+
+def run_ingest(source: str, store: str, *, config: FeatureConfig | None = None,
+               dask_address: str | None = None, n_workers: int | None = None,
+               shard_minutes: float = 60.0, progress: bool = True) -> IngestSummary:
+    """Run the ingest flow on a Dask cluster (an existing one, or a local one started here).
+
+    Parameters
+    ----------
+    source : str
+        Folder, fsspec URL prefix, or CSV/Parquet manifest of URIs.
+    store : str
+        Feature store root (created if missing).
+    config : FeatureConfig, optional
+        Feature parameters (defaults if omitted).
+    dask_address : str, optional
+        ``tcp://HOST:PORT`` of a running scheduler.
+    n_workers : int, optional
+        Worker processes of the local cluster.
+    shard_minutes : float
+        Target audio minutes per shard task.
+    progress : bool
+        Show progress bars on stderr.
+    """
+    cfg = config or FeatureConfig()
+    with dask_cluster(dask_address, n_workers=n_workers) as cluster:
+        runner = DaskTaskRunner(address=cluster.address)
+        result = ingest_flow.with_options(task_runner=runner)(
+            source=source, store=store, config=cfg.to_dict(), shard_minutes=shard_minutes,
+            workers=cluster.threads, progress=progress,
+        )
+    data = dict(result)
+    for key in ("skipped", "realtime_x"):
+        data.pop(key, None)
+    data["errors"] = [tuple(e) for e in data.get("errors", [])]
+    return IngestSummary(**data)
+
+
+def summary_json(summary: IngestSummary) -> str:
+    """The summary as indented JSON."""
+    return json.dumps(summary.to_dict(), indent=1, default=str)

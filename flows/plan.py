@@ -1,0 +1,104 @@
+"""Planning: which files need work, and how they group into shards sized by audio minutes."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+from featurestore.hashing import short_hash, track_id_of
+from featurestore.sources import SourceFile
+from flows.records import ProbeRecord, ShardPlan
+
+FAILED_TRACK_COST_S = 1.0
+"""Seconds a track without audio counts for when sizing shards."""
+
+
+@dataclass(frozen=True)
+class Triage:
+    """Listed files split by what the run must do with them."""
+
+    to_probe: list[SourceFile]
+    unchanged: int  # known by URI, size and mtime, and already committed
+
+
+def triage(files: Iterable[SourceFile], known: dict[str, tuple[int, float, str]],
+           committed: set[str]) -> Triage:
+    """Skip files whose URI, size and mtime match a committed track; probe the rest."""
+    to_probe, unchanged = [], 0
+    for f in files:
+        hit = known.get(f.uri)
+        if hit and hit[0] == f.size_bytes and hit[1] == f.mtime \
+                and track_id_of(hit[2]) in committed:
+            unchanged += 1
+        else:
+            to_probe.append(f)
+    return Triage(to_probe, unchanged)
+
+
+def batches(items: list, n_batches: int, max_size: int) -> list[list]:
+    """Split ``items`` into about ``n_batches`` contiguous batches of at most ``max_size``."""
+    if not items:
+        return []
+    size = max(1, min(max_size, -(-len(items) // max(1, n_batches))))
+    return [items[i:i + size] for i in range(0, len(items), size)]
+
+
+def plan_shards(records: list[ProbeRecord], feature_set: str, *, shard_minutes: float,
+                min_shards: int = 1, max_tracks: int = 2000) -> list[ShardPlan]:
+    """Group records into shards of about ``shard_minutes`` of audio.
+
+    Parameters
+    ----------
+    records : list of ProbeRecord
+        Tracks to process, one per track id.
+    feature_set : str
+    shard_minutes : float > 0
+        Target audio per shard; lowered so that there are at least ``min_shards`` shards
+        (to keep every worker busy on small catalogues).
+    min_shards : int
+    max_tracks : int
+        Upper bound of tracks per shard.
+
+    Returns
+    -------
+    list of ShardPlan
+        Shard ids hash the feature set and the shard's track ids, so a re-plan of the same
+        pending tracks gives the same names.
+    """
+    def cost(r: ProbeRecord) -> float:
+        return r.duration_s if r.status == "ok" and r.duration_s else FAILED_TRACK_COST_S
+
+    ordered = sorted(records, key=lambda r: r.uri)
+    total = sum(cost(r) for r in ordered)
+    target = max(1.0, min(shard_minutes * 60.0, total / max(1, min_shards)))
+    shards: list[ShardPlan] = []
+    current: list[ProbeRecord] = []
+    seconds = 0.0
+
+    def close() -> None:
+        ids = sorted(r.track_id for r in current)
+        shard_id = "s-" + short_hash(feature_set, *ids)
+        shards.append(ShardPlan(shard_id, feature_set, tuple(current)))
+
+    for r in ordered:
+        if current and (seconds + cost(r) > target or len(current) >= max_tracks):
+            close()
+            current, seconds = [], 0.0
+        current.append(r)
+        seconds += cost(r)
+    if current:
+        close()
+    return shards
+
+
+def dedupe(records: Iterable[ProbeRecord], committed: set[str]) -> tuple[list[ProbeRecord], int]:
+    """Keep one record per new track id; return them and how many were skipped."""
+    seen: set[str] = set()
+    keep, skipped = [], 0
+    for r in sorted(records, key=lambda r: r.uri):
+        if r.track_id in committed or r.track_id in seen:
+            skipped += 1
+            continue
+        seen.add(r.track_id)
+        keep.append(r)
+    return keep, skipped

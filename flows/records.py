@@ -1,0 +1,55 @@
+"""Small records passed between the flow and its tasks (never arrays or data frames)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+
+@dataclass(frozen=True)
+class ProbeRecord:
+    """A source file after hashing and reading its header."""
+
+    uri: str
+    size_bytes: int
+    mtime: float
+    content_hash: str
+    track_id: str
+    status: str  # "ok" (decodable header), "failed" or "unsupported"
+    format: str | None = None
+    sample_rate: int | None = None
+    channels: int | None = None
+    duration_s: float | None = None
+    stage: str | None = None
+    error: str | None = None
+
+
+@dataclass(frozen=True)
+class ShardPlan:
+    """The tracks one task processes, sized by audio minutes."""
+
+    shard_id: str
+    feature_set: str
+    tracks: tuple[ProbeRecord, ...]
+
+    @property
+    def audio_s(self) -> float:
+        """Audio seconds the headers announce."""
+        return sum(t.duration_s or 0.0 for t in self.tracks)
+
+
+@dataclass(frozen=True)
+class ShardResult:
+    """What a shard task reports back: where it staged its files and what it cost."""
+
+    shard_id: str
+    staged_dir: str
+    n_tracks: int
+    n_ok: int
+    n_failed: int
+    n_segments: int
+    audio_s: float
+    compute_s: float
+    peak_rss_mb: float
+    worker: str
+    track_ids: list[str] = field(default_factory=list)
+    errors: list[tuple[str, str, str]] = field(default_factory=list)  # (path, stage, error)
