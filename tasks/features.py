@@ -14,7 +14,7 @@ feature              librosa reference
 ``bandwidth``        ``spectral_bandwidth(S=|X|)`` (p=2, normalised)
 ``rolloff``          ``spectral_rolloff(S=|X|, roll_percent=rolloff_percent)``
 ``flatness``         ``spectral_flatness(S=|X|)`` (power 2, amin 1e-10)
-``rms``              ``rms(S=|X|, frame_length=n_fft)``
+``rms``              ``rms(y, frame_length=n_fft, hop_length=hop_length)`` (time domain)
 ``zcr``              ``zero_crossing_rate(y, frame_length=n_fft, hop_length=hop_length)``
 ``contrast``         ``spectral_contrast(S=|X|)``: finished per track by :func:`contrast_db`
 ===================  ==========================================================================
@@ -181,8 +181,7 @@ class SpectralExtractor:
             buf if zcr_buf is None else zcr_buf, n_frames, c.n_fft, c.hop_length,
             c.zcr_threshold,
         )
-        edge = power[:, 0] + power[:, -1]
-        scalars[:, 5] = np.sqrt(2.0 * (power.sum(axis=-1) - 0.5 * edge) / c.n_fft**2)
+        scalars[:, 5] = _frame_rms(buf, n_frames, c.n_fft, c.hop_length)
 
         peak, valley = _contrast_peak_valley(mag, self.bands, c.contrast_quantile)
         return FrameFeatures(logmel, mfcc, chroma, scalars, peak, valley)
@@ -238,6 +237,16 @@ def _zero_crossing_rate(
     # pairs (i-1, i) for i in start+1 .. start+frame_length-1
     counts = cumulative[starts + frame_length - 1] - cumulative[starts]
     return (counts / frame_length).astype(np.float32)
+
+
+def _frame_rms(y: np.ndarray, n_frames: int, frame_length: int, hop: int) -> np.ndarray:
+    """Root mean square of each frame of ``y`` (librosa's time-domain rms)."""
+    need = (n_frames - 1) * hop + frame_length
+    cumulative = np.zeros(need + 1)
+    np.cumsum(np.square(y[:need], dtype=np.float64), out=cumulative[1:])
+    starts = np.arange(n_frames) * hop
+    energy = np.maximum(cumulative[starts + frame_length] - cumulative[starts], 0.0)
+    return np.sqrt(energy / frame_length).astype(np.float32)
 
 
 def _contrast_bands(freqs: np.ndarray, c: FeatureConfig) -> list[tuple[int, int, int]]:

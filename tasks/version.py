@@ -7,7 +7,7 @@ feature-set id, so a change writes a new feature-set version beside the old one)
 
 from importlib import metadata
 
-FEATURE_CODE_VERSION = "features-1"
+FEATURE_CODE_VERSION = "features-2"
 
 try:
     CODE_VERSION = metadata.version("mtag")
