@@ -57,7 +57,9 @@ def awkward_catalogue(root: str) -> dict[str, str]:
 
     def add(name: str, status: str) -> str:
         expected[name] = status
-        return os.path.join(root, name)
+        path = os.path.join(root, name)
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        return path
 
     write(add("good/tone 440 é.wav", "ok"), tone(440, 4.0, sr, noise=0.01), sr)
     write(add("good/music.flac", "ok"), music_like(7.0, 44100, seed=1), 44100)

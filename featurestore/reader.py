@@ -1,0 +1,103 @@
+"""Readers: memory-mapped dense tensors and summary tables of committed shards.
+
+:class:`TensorReader` maps each committed ``tensors.arrow`` file (zero-copy on a local store)
+and serves ``(n_mels, F)`` log-mel and ``(n_mfcc, F)`` MFCC matrices by row, without copying
+the dataset into RAM. Remote stores are read through fsspec into memory shard by shard.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.ipc as ipc
+import pyarrow.parquet as pq
+
+from featurestore.schema import read_metadata
+from featurestore.store import FeatureStore
+from tasks.errors import SchemaError
+
+
+@dataclass(frozen=True)
+class TensorIndex:
+    """Where each segment's row lies: parallel arrays over all committed shards."""
+
+    track_id: np.ndarray  # object array of str
+    segment: np.ndarray  # int32
+    valid_frames: np.ndarray  # int32
+    shard: np.ndarray  # int32, position in TensorReader.tables
+    row: np.ndarray  # int64, row within that shard
+
+
+class TensorReader:
+    """Dense tensors of one feature set, memory-mapped.
+
+    Parameters
+    ----------
+    store : FeatureStore
+    feature_set : str, optional
+        Defaults to the store's newest feature set with commits.
+    """
+
+    def __init__(self, store: FeatureStore, feature_set: str | None = None) -> None:
+        self.store = store
+        self.feature_set = feature_set or store.default_feature_set()
+        self.tables: list[pa.Table] = []
+        self.shapes: dict[str, tuple[int, int]] = {}
+        parts = []
+        for i, path in enumerate(store.files(self.feature_set, "tensors")):
+            table = _read_ipc(store, path)
+            meta = read_metadata(table.schema)
+            if meta["feature_set"] != self.feature_set:
+                raise SchemaError(f"{path}: feature set {meta['feature_set']} in a "
+                                  f"{self.feature_set} shard")
+            self.shapes = {k: (int(v[0]), int(v[1])) for k, v in meta["shapes"].items()}
+            self.tables.append(table)
+            n = table.num_rows
+            parts.append((table["track_id"].to_numpy(zero_copy_only=False),
+                          table["segment"].to_numpy(), table["valid_frames"].to_numpy(),
+                          np.full(n, i, np.int32), np.arange(n, dtype=np.int64)))
+        if parts:
+            cols = [np.concatenate(c) for c in zip(*parts, strict=True)]
+        else:
+            cols = [np.array([], dtype=object), *(np.array([], dtype=t) for t in
+                                                 (np.int32, np.int32, np.int32, np.int64))]
+        self.index = TensorIndex(*cols)
+        self._values: dict[tuple[int, str], np.ndarray] = {}
+
+    def __len__(self) -> int:
+        return int(self.index.segment.shape[0])
+
+    def matrix(self, name: str, i: int) -> np.ndarray:
+        """Row ``i``'s ``name`` (``"logmel"`` or ``"mfcc"``) as a read-only ``(rows, F)`` view."""
+        shard, row = int(self.index.shard[i]), int(self.index.row[i])
+        return self._flat(shard, name)[row]
+
+    def _flat(self, shard: int, name: str) -> np.ndarray:
+        key = (shard, name)
+        if key not in self._values:
+            column = self.tables[shard][name].combine_chunks()
+            rows, frames = self.shapes[name]
+            flat = column.values.to_numpy(zero_copy_only=True)
+            self._values[key] = flat.reshape(len(column), rows, frames)
+        return self._values[key]
+
+
+def read_table(store: FeatureStore, feature_set: str, table: str,
+               columns: list[str] | None = None) -> pa.Table:
+    """Concatenate a Parquet table (``tracks`` or ``segments``) over committed shards."""
+    parts = []
+    for path in store.files(feature_set, table):
+        with store.fs.open(path, "rb") as fh:
+            parts.append(pq.read_table(fh, columns=columns))
+    if not parts:
+        raise SchemaError(f"feature set {feature_set} has no committed {table}")
+    return pa.concat_tables(parts)
+
+
+def _read_ipc(store: FeatureStore, path: str) -> pa.Table:
+    if store.is_local:
+        return ipc.open_file(pa.memory_map(path, "r")).read_all()
+    with store.fs.open(path, "rb") as fh:
+        return ipc.open_file(pa.BufferReader(fh.read())).read_all()
