@@ -1,0 +1,93 @@
+"""End to end through the ``mtag`` command: ingest, query formats, kill -9 and resume."""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+from factories import music_like, tone, write
+
+pytestmark = pytest.mark.slow
+
+
+def mtag(*args, check=True, timeout=600):
+    proc = subprocess.run([sys.executable, "-m", "flows.cli", *args], capture_output=True,
+                          text=True, timeout=timeout, env=os.environ.copy())
+    if check and proc.returncode != 0:
+        raise AssertionError(f"mtag {args} failed ({proc.returncode}):\n{proc.stdout}\n"
+                             f"{proc.stderr}")
+    return proc
+
+
+def test_ingest_and_query_from_the_command_line(tmp_path):
+    cat, store = tmp_path / "my music", tmp_path / "store"
+    write(str(cat / "a" / "one.wav"), music_like(7.0, 44100, seed=1), 44100)
+    write(str(cat / "b" / "twö.flac"), tone(440, 4.0, 48000, noise=0.01), 48000)
+    (cat / "b" / "readme.txt").write_text("liner notes")
+    out = mtag("ingest", str(cat), "--store", str(store), "--workers", "2", "--json")
+    assert "2 ok, 0 failed, 1 unsupported" in out.stdout
+    summary = json.loads(out.stdout[out.stdout.index("{"):])
+    assert summary["ok"] == 2 and summary["segments"] == 3 + 2
+
+    table = mtag("query", "--store", str(store),
+                 "SELECT status, count(*) AS n FROM tracks GROUP BY 1 ORDER BY 1").stdout
+    assert "ok" in table and "unsupported" in table and "(2 rows)" in table
+    as_csv = mtag("query", "--store", str(store), "--format", "csv",
+                  "SELECT track_id, segment FROM segments ORDER BY 1, 2").stdout
+    parsed = list(csv.DictReader(io.StringIO(as_csv)))
+    assert len(parsed) == 5 and set(parsed[0]) == {"track_id", "segment"}
+    as_json = json.loads(mtag("query", "--store", str(store), "--format", "json",
+                              "SELECT count(*) AS n FROM segments").stdout)
+    assert as_json == [{"n": 5}]
+    target = tmp_path / "out.parquet"
+    mtag("query", "--store", str(store), "--output", str(target), "SELECT * FROM segments")
+    import duckdb
+    assert duckdb.sql(f"SELECT count(*) FROM '{target}'").fetchall() == [(5,)]
+
+    again = mtag("ingest", str(cat), "--store", str(store), "--workers", "2")
+    assert "Nothing to do" in again.stdout
+
+    bad = mtag("query", "--store", str(store), "SELECT * FROM nope", check=False)
+    assert bad.returncode == 2 and "query failed" in bad.stderr
+    missing = mtag("ingest", str(tmp_path / "absent"), "--store", str(store), check=False)
+    assert missing.returncode == 2 and "source not found" in missing.stderr
+
+
+def test_kill_9_then_resume_gives_exactly_one_row_per_segment(tmp_path):
+    cat, store = tmp_path / "cat", tmp_path / "store"
+    n_tracks = 24
+    for i in range(n_tracks):
+        write(str(cat / f"t{i:02d}.wav"), music_like(15.0, 22050, seed=i), 22050)
+    cmd = [sys.executable, "-m", "flows.cli", "ingest", str(cat), "--store", str(store),
+           "--workers", "2", "--shard-minutes", "0.5", "--no-progress"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            start_new_session=True)
+    manifests = store / "features"
+    deadline = time.time() + 300
+    while time.time() < deadline and not list(manifests.rglob("_manifests/*.json")):
+        assert proc.poll() is None, "ingest ended before it could be killed"
+        time.sleep(0.02)
+    os.killpg(proc.pid, signal.SIGKILL)  # the run and its whole process group, mid-flight
+    proc.wait()
+    committed = len(list(manifests.rglob("_manifests/*.json")))
+    assert 0 < committed
+
+    out = mtag("ingest", str(cat), "--store", str(store), "--workers", "2",
+               "--shard-minutes", "0.5")
+    assert "skipped" in out.stdout
+    counts = json.loads(mtag(
+        "query", "--store", str(store), "--format", "json",
+        "SELECT (SELECT count(*) FROM tracks) AS tracks, (SELECT count(DISTINCT track_id) "
+        "FROM tracks) AS distinct_tracks, (SELECT count(*) FROM segments) AS segments, "
+        "(SELECT count(*) FROM (SELECT DISTINCT track_id, segment FROM segments)) AS keys"
+    ).stdout)[0]
+    assert counts == {"tracks": n_tracks, "distinct_tracks": n_tracks,
+                      "segments": n_tracks * 5, "keys": n_tracks * 5}
+    assert not list((store / "_staging").rglob("*.arrow"))
