@@ -24,6 +24,7 @@ Internally frames are rows (``(frames, freqs)``), which keeps every reduction co
 
 from __future__ import annotations
 
+import itertools
 from dataclasses import dataclass
 
 import librosa
@@ -255,7 +256,7 @@ def _contrast_bands(freqs: np.ndarray, c: FeatureConfig) -> list[tuple[int, int,
     octa = np.zeros(n_bands + 2)
     octa[1:] = c.contrast_fmin * (2.0 ** np.arange(0, n_bands + 1))
     bands = []
-    for k, (f_low, f_high) in enumerate(zip(octa[:-1], octa[1:], strict=True)):
+    for k, (f_low, f_high) in enumerate(itertools.pairwise(octa)):
         current = np.logical_and(freqs >= f_low, freqs <= f_high)
         idx = np.flatnonzero(current)
         if k > 0:

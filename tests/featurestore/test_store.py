@@ -88,8 +88,8 @@ def test_failed_track_leaves_no_rows_even_after_spilling(store):
 
 
 def test_spilled_track_equals_in_memory_track(store):
-    a_dir, a = write_shard(store, "s-mem", [("x", 20.0)])
-    b_dir, b = write_shard(store, "s-spill", [("x", 20.0)], spill_bytes=50_000)
+    a_dir, _a = write_shard(store, "s-mem", [("x", 20.0)])
+    b_dir, _b = write_shard(store, "s-spill", [("x", 20.0)], spill_bytes=50_000)
     for d in (a_dir, b_dir):
         t = pq.read_table(f"{d}/segments.parquet")
         assert t.num_rows == 7
