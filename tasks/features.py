@@ -147,7 +147,7 @@ class SpectralExtractor:
         if n_frames <= 0 or buf.shape[-1] < need:
             raise ValueError(f"need {need} samples for {n_frames} frames, got {buf.shape[-1]}")
         framed = np.lib.stride_tricks.sliding_window_view(buf[:need], c.n_fft)[:: c.hop_length]
-        spec = np.fft.rfft(framed * self.window, axis=-1)
+        spec = scipy.fft.rfft(framed * self.window, axis=-1, overwrite_x=True)
         mag = np.abs(spec)
         power = mag * mag
         del spec
