@@ -39,10 +39,10 @@ def _render_one(row: dict) -> str:
 
 
 def make_catalogue(root: str, n_tracks: int, *, seed: int = 7, workers: int = 2) -> str:
-    """Render the demo catalogue under ``root`` and write ``labels.csv``; return its path.
+    """Render the demo catalogue under ``root`` and write ``labels.csv`` beside it.
 
     Files get a mix of formats and rates (flac/ogg/mp3/wav at 22.05–48 kHz) like a real
-    catalogue. Returns the labels file (``path,label,style`` with paths relative to it).
+    catalogue. Returns the labels file (``path,label,style``, paths relative to ``root``).
     """
     from tasks.synth import demo_catalogue_plan
 
@@ -60,7 +60,7 @@ def make_catalogue(root: str, n_tracks: int, *, seed: int = 7, workers: int = 2)
         with ProcessPoolExecutor(max_workers=workers) as pool:
             list(pool.map(_render_one, todo, chunksize=4))
         print(f"  rendered in {time.perf_counter() - started:.1f} s")
-    labels = os.path.join(root, "labels.csv")
+    labels = os.path.join(os.path.dirname(os.path.abspath(root)), "labels.csv")
     with open(labels, "w", newline="") as fh:
         writer = csv.writer(fh)
         writer.writerow(["path", "label", "style"])

@@ -22,6 +22,7 @@ from featurestore.sources import SourceFile, discover
 from featurestore.store import FeatureStore, ShardManifest
 from flows.cluster import dask_cluster
 from flows.extract import probe_files, run_shard
+from flows.prefect_api import prefect_api
 from flows.plan import batches, dedupe, plan_shards, triage
 from flows.progress import Progress
 from flows.records import ProbeRecord, ShardPlan, ShardResult
@@ -217,7 +218,7 @@ def run_ingest(source: str, store: str, *, config: FeatureConfig | None = None,
         Show progress bars on stderr.
     """
     cfg = config or FeatureConfig()
-    with dask_cluster(dask_address, n_workers=n_workers) as cluster:
+    with prefect_api(), dask_cluster(dask_address, n_workers=n_workers) as cluster:
         runner = DaskTaskRunner(address=cluster.address)
         result = ingest_flow.with_options(task_runner=runner)(
             source=source, store=store, config=cfg.to_dict(), shard_minutes=shard_minutes,

@@ -6,7 +6,9 @@ harness (a temporary local API). Test audio is generated here, never read from o
 
 from __future__ import annotations
 
+import atexit
 import os
+import shutil
 import sys
 import tempfile
 
@@ -17,6 +19,7 @@ import pytest
 # the user's ~/.prefect.
 _PREFECT_HOME = tempfile.mkdtemp(prefix="mtag-test-prefect-")
 os.environ.setdefault("PREFECT_HOME", _PREFECT_HOME)
+atexit.register(shutil.rmtree, _PREFECT_HOME, ignore_errors=True)
 os.environ.setdefault("DASK_LOGGING__DISTRIBUTED", "warning")
 sys.path.insert(0, os.path.dirname(__file__))
 
@@ -40,8 +43,14 @@ def prefect_harness():
 
 @pytest.fixture(scope="session")
 def dask_address(prefect_harness):
-    """A real LocalCluster: 2 worker processes, one thread each, on 127.0.0.1."""
+    """A real LocalCluster: 2 worker processes, one thread each, on 127.0.0.1.
+
+    The workers inherit the harness's API URL, so their task runs land in the same database.
+    """
     from distributed import Client, LocalCluster
+    from prefect.settings import get_current_settings
+
+    os.environ["PREFECT_API_URL"] = str(get_current_settings().api.url)
 
     with LocalCluster(n_workers=2, threads_per_worker=1, processes=True, host="127.0.0.1",
                       dashboard_address=None) as cluster, Client(cluster) as client:
