@@ -54,7 +54,17 @@ def reference(y: np.ndarray, c: FeatureConfig) -> dict[str, np.ndarray]:
     }
 
 
+def rendered(instrument: str, style: str) -> np.ndarray:
+    """A General MIDI rendering (real instrument samples from the soundfont), mono."""
+    from tasks.synth import render_track
+
+    stereo = render_track(instrument, style, seconds=5.0, sample_rate=SR, seed=3)
+    return (stereo.mean(axis=0) + tone(0, 5.0, SR, amp=0, noise=1e-4)).astype(np.float32)
+
+
 SIGNALS = {
+    "soundfont piano ballad": lambda: rendered("piano", "ballad"),
+    "soundfont trumpet dance": lambda: rendered("trumpet", "dance"),
     "tone+noise": lambda: tone(440, 5.0, SR, noise=0.05),
     "music-like": lambda: music_like(6.0, SR, seed=4),
     "chirp": lambda: (librosa.chirp(fmin=100, fmax=8000, sr=SR, duration=4.0)
