@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 
 import duckdb
+import numpy as np
 import pandas as pd
 import pyarrow as pa
 
@@ -100,6 +101,8 @@ def format_result(table: pa.Table, fmt: str, *, max_rows: int = 100) -> str:
     """Render a result for stdout as an aligned table, CSV or JSON (an array of objects)."""
     if fmt not in OUTPUT_FORMATS:
         raise ParameterError(f"format must be one of {OUTPUT_FORMATS}, got {fmt!r}")
+    if fmt in ("csv", "json"):
+        table = _shortest_float32(table)
     frame = table.to_pandas(types_mapper=pd.ArrowDtype)
     if fmt == "csv":
         return str(frame.to_csv(index=False))
@@ -110,7 +113,20 @@ def format_result(table: pa.Table, fmt: str, *, max_rows: int = 100) -> str:
     shown = frame.head(max_rows)
     text = str(shown.to_string(index=False, max_colwidth=60, float_format=_fmt_float))
     more = f"\n... {len(frame) - max_rows} more rows" if len(frame) > max_rows else ""
-    return f"{text}{more}\n({len(frame)} rows)\n"
+    return f"{text}{more}\n({len(frame)} row{'' if len(frame) == 1 else 's'})\n"
+
+
+def _shortest_float32(table: pa.Table) -> pa.Table:
+    """float32 columns as the shortest decimals that round-trip (270.7, not 270.70001…)."""
+    for i, field in enumerate(table.schema):
+        if pa.types.is_float32(field.type):
+            values = table.column(i).to_numpy(zero_copy_only=False)
+            short = [None if np.isnan(v) else float(np.format_float_positional(v, unique=True))
+                     for v in values.astype(np.float32)]
+            nulls = table.column(i).is_null().to_pylist()
+            short = [None if n else v for v, n in zip(short, nulls, strict=True)]
+            table = table.set_column(i, pa.field(field.name, pa.float64()), pa.array(short))
+    return table
 
 
 def _fmt_float(x: float) -> str:
