@@ -64,6 +64,48 @@ def cmd_demo(args: argparse.Namespace) -> int:
                     progress=not args.no_progress)
 
 
+def cmd_train(args: argparse.Namespace) -> int:
+    from flows.train import train_model
+
+    train_config = {k: v for k, v in {
+        "epochs": args.epochs, "batch_size": args.batch_size, "lr": args.lr,
+        "seed": args.seed, "max_steps": args.max_steps, "device": args.device,
+        "specaugment": args.specaugment or None, "mixup_alpha": args.mixup,
+        "crop_frames": args.crop_frames, "patience": args.patience,
+    }.items() if v is not None}
+    params = json.loads(args.model_params) if args.model_params else None
+    result = train_model(store=args.store, labels=args.labels, model=args.model,
+                         registered_name=args.registered_name, group_column=args.group_column,
+                         valid_size=args.valid_size, test_size=args.test_size,
+                         train_config=train_config, model_params=params, workdir=args.workdir)
+    best, promo = result["best"], result["promotion"]
+    print(f"\nbest: {best['model']} (valid macro-F1 {best['valid_macro_f1']:.4f}); registered "
+          f"{result['registered_name']} v{promo['version']} as @candidate; "
+          f"{'promoted to @champion' if promo['promoted'] else 'champion unchanged'} "
+          f"({promo['reason']})")
+    from training.evaluate import render_report
+
+    print(render_report(best["test"], f"test tracks ({best['model']})"))
+    return 0
+
+
+def cmd_evaluate(args: argparse.Namespace) -> int:
+    from flows.train import evaluate_model
+    from training.evaluate import render_report
+
+    track, seg, _ = evaluate_model(args.store, args.labels, args.model_uri)
+    if args.format == "json":
+        keys = ("accuracy", "macro_f1", "weighted_f1", "macro_precision", "macro_recall",
+                "per_class", "n", "roc_auc", "pr_auc", "confusion")
+        print(json.dumps({k: track[k] for k in keys if k in track} |
+                         {"segment": {k: seg[k] for k in ("accuracy", "macro_f1", "n")}},
+                         indent=1))
+    else:
+        print(render_report(track, f"{args.model_uri}: tracks"))
+        print(render_report(seg, f"{args.model_uri}: segments").splitlines()[0])
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="mtag", description="Music catalogue pipeline: ingest, query, demo.")
@@ -94,6 +136,36 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-rows", type=int, default=100, help="rows shown as a table")
     p.set_defaults(func=cmd_query)
 
+    p = sub.add_parser("train", help="train a tagger on labelled tracks; register in MLflow")
+    p.add_argument("--store", required=True)
+    p.add_argument("--labels", required=True, help="CSV/Parquet: path|track_id, label[, split]")
+    p.add_argument("--model", default="auto",
+                   help="cnn, mfcc_cnn, crnn, short_chunk_resnet, linear, gbm or auto")
+    p.add_argument("--registered-name", help="MLflow registered model (default mtag-tagger)")
+    p.add_argument("--group-column", help="keep each group (e.g. artist) on one split side")
+    p.add_argument("--valid-size", type=float, default=0.15)
+    p.add_argument("--test-size", type=float, default=0.15)
+    p.add_argument("--epochs", type=int)
+    p.add_argument("--batch-size", type=int)
+    p.add_argument("--lr", type=float)
+    p.add_argument("--patience", type=int)
+    p.add_argument("--seed", type=int)
+    p.add_argument("--max-steps", type=int)
+    p.add_argument("--device", help="cpu, cuda, cuda:1 (default: cuda when present)")
+    p.add_argument("--specaugment", action="store_true")
+    p.add_argument("--mixup", type=float, help="mixup alpha (0 = off)")
+    p.add_argument("--crop-frames", type=int, help="random crops of this many frames")
+    p.add_argument("--model-params", help='JSON of model config fields, e.g. {"channels": 64}')
+    p.add_argument("--workdir", help="checkpoints and artifacts (default: a temp folder)")
+    p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("evaluate", help="evaluate a registered model on a labelled store")
+    p.add_argument("--store", required=True)
+    p.add_argument("--labels", required=True)
+    p.add_argument("--model-uri", required=True, help="models:/NAME@ALIAS or models:/NAME/V")
+    p.add_argument("--format", choices=("table", "json"), default="table")
+    p.set_defaults(func=cmd_evaluate)
+
     p = sub.add_parser("demo", help="generate a demo catalogue, ingest it, query it")
     p.add_argument("--dir", default="demo", help="folder for the catalogue and the store")
     p.add_argument("--tracks", type=int, default=120)
@@ -118,4 +190,4 @@ def main(argv: Sequence[str] | None = None) -> int:
 if __name__ == "__main__":
     sys.exit(main())
 
-__all__ = ["build_parser", "json", "main"]
+__all__ = ["build_parser", "main"]

@@ -42,7 +42,8 @@ def make_catalogue(root: str, n_tracks: int, *, seed: int = 7, workers: int = 2)
     """Render the demo catalogue under ``root`` and write ``labels.csv`` beside it.
 
     Files get a mix of formats and rates (flac/ogg/mp3/wav at 22.05–48 kHz) like a real
-    catalogue. Returns the labels file (``path,label,style``, paths relative to ``root``).
+    catalogue. Returns the labels file (``path,label,style``, paths relative to the labels
+    file's folder, as ``mtag train`` reads them).
     """
     from tasks.synth import demo_catalogue_plan
 
@@ -65,7 +66,8 @@ def make_catalogue(root: str, n_tracks: int, *, seed: int = 7, workers: int = 2)
         writer = csv.writer(fh)
         writer.writerow(["path", "label", "style"])
         for r in rows:
-            writer.writerow([r["rel"], r["instrument"], r["style"]])
+            writer.writerow([os.path.join(os.path.basename(os.path.abspath(root)), r["rel"]),
+                             r["instrument"], r["style"]])
     return labels
 
 
@@ -95,7 +97,7 @@ def run_demo(directory: str, *, n_tracks: int = 120, workers: int | None = None,
          "round(avg(s.centroid_mean)) AS centroid_hz, round(avg(s.rolloff_mean)) AS rolloff_hz, "
          "round(avg(s.flatness_mean), 4) AS flatness, round(avg(s.zcr_mean), 4) AS zcr "
          "FROM segments s JOIN tracks t USING (track_id) "
-         f"JOIN labels l ON t.path = '{catalogue}/' || l.path "
+         f"JOIN labels l ON t.path = '{os.path.dirname(catalogue)}/' || l.path "
          "GROUP BY 1 ORDER BY centroid_hz"),
     ]
     for title, sql in queries:

@@ -1,0 +1,122 @@
+"""A trained tagger on disk, and the predictor that loads it.
+
+An artifact folder holds ``meta.json`` (kind, model config, classes, multi-label flag,
+open-set threshold, feature set and its config, input feature and shape, label set, code
+version) and the weights: ``weights.pt`` (torch state dict) or ``model.joblib`` (sklearn).
+:class:`Predictor` gives probabilities and embeddings from stored features; the MLflow pyfunc
+(:mod:`training.pyfunc`) wraps it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import torch
+
+from training.classic import classic_proba
+from training.models import Tagger, build_model, config_from_dict
+
+META = "meta.json"
+TORCH_WEIGHTS = "weights.pt"
+SKLEARN_MODEL = "model.joblib"
+
+
+@dataclass
+class Predictor:
+    """Probabilities and embeddings from a saved model.
+
+    ``input`` is ``"logmel"``/``"mfcc"`` (``(batch, rows, frames)`` float32 arrays) or
+    ``"summary"`` (a DataFrame with ``meta['columns']``).
+    """
+
+    meta: dict[str, Any]
+    torch_model: Tagger | None = None
+    sklearn_model: Any = None
+    device: torch.device = torch.device("cpu")
+
+    @property
+    def input(self) -> str:
+        """Input kind: ``logmel``, ``mfcc`` or ``summary``."""
+        return str(self.meta["input"])
+
+    @property
+    def classes(self) -> list[str]:
+        """Output order of the probabilities."""
+        return list(self.meta["classes"])
+
+    @torch.inference_mode()
+    def predict(self, x: np.ndarray | pd.DataFrame, *, embeddings: bool = False,
+                batch_size: int = 512) -> tuple[np.ndarray, np.ndarray | None]:
+        """Probabilities ``(n, n_classes)`` and, if asked, embeddings ``(n, d)`` (float32)."""
+        if self.sklearn_model is not None:
+            frame = x if isinstance(x, pd.DataFrame) else pd.DataFrame(
+                x, columns=self.meta["columns"])
+            feats = frame[self.meta["columns"]].to_numpy(np.float32)
+            probs = classic_proba(self.sklearn_model, feats, len(self.classes))
+            emb = None
+            if embeddings:
+                scaler = getattr(self.sklearn_model, "named_steps", {}).get("scale")
+                emb = (scaler.transform(feats) if scaler is not None else feats).astype(
+                    np.float32)
+            return probs.astype(np.float32), emb
+        assert self.torch_model is not None
+        model = self.torch_model
+        model.eval()
+        probs, embs = [], []
+        arr = np.asarray(x, dtype=np.float32)
+        cuda = self.device.type == "cuda"
+        for i in range(0, len(arr), batch_size):
+            batch = torch.from_numpy(arr[i:i + batch_size]).to(self.device, non_blocking=cuda)
+            with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=cuda):
+                e = model.embed(batch)
+                logits = model.head(e).float()
+            p = torch.sigmoid(logits) if self.meta["multi_label"] else torch.softmax(logits, -1)
+            probs.append(p.cpu().numpy())
+            if embeddings:
+                embs.append(e.float().cpu().numpy())
+        n_c = len(self.classes)
+        p_all = np.concatenate(probs) if probs else np.zeros((0, n_c), np.float32)
+        return p_all, (np.concatenate(embs) if embeddings and embs else None)
+
+
+def save(directory: str, meta: dict[str, Any], *, torch_model: Tagger | None = None,
+         sklearn_model: Any = None) -> str:
+    """Write an artifact folder; return its path."""
+    os.makedirs(directory, exist_ok=True)
+    if torch_model is not None:
+        torch.save({k: v.detach().cpu() for k, v in torch_model.state_dict().items()},
+                   os.path.join(directory, TORCH_WEIGHTS))
+        meta = meta | {"kind": "torch", "rows": torch_model.rows}
+    else:
+        import joblib
+
+        joblib.dump(sklearn_model, os.path.join(directory, SKLEARN_MODEL))
+        meta = meta | {"kind": "sklearn"}
+    with open(os.path.join(directory, META), "w") as fh:
+        json.dump(meta, fh, indent=1, sort_keys=True, default=str)
+    return directory
+
+
+def load(directory: str, *, device: str | None = None) -> Predictor:
+    """Load an artifact folder written by :func:`save`."""
+    with open(os.path.join(directory, META)) as fh:
+        meta = json.load(fh)
+    if meta["kind"] == "sklearn":
+        import joblib
+
+        return Predictor(meta, sklearn_model=joblib.load(os.path.join(directory,
+                                                                       SKLEARN_MODEL)))
+    dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    model = build_model(config_from_dict(meta["model_config"]), meta["rows"],
+                        len(meta["classes"]))
+    state = torch.load(os.path.join(directory, TORCH_WEIGHTS), map_location="cpu",
+                       weights_only=True)
+    model.load_state_dict(state)
+    model.to(dev).eval()
+    return Predictor(meta, torch_model=model, device=dev)
+

@@ -1,0 +1,220 @@
+"""The training loop: AdamW with a one-cycle or cosine schedule, early stopping, checkpoints
+that resume, seeds, and on CUDA bf16 autocast, pinned memory and non-blocking copies."""
+
+from __future__ import annotations
+
+import copy
+import math
+import os
+import random
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch.utils.data import DataLoader, Dataset
+
+from training.augment import mixup, spec_augment
+from training.models import Tagger
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Optimisation settings (logged to MLflow with the model config)."""
+
+    epochs: int = 30
+    batch_size: int = 64
+    lr: float = 1e-3
+    weight_decay: float = 1e-2
+    schedule: str = "onecycle"  # or "cosine"
+    patience: int = 6
+    seed: int = 0
+    crop_frames: int | None = None
+    specaugment: bool = False
+    mixup_alpha: float = 0.0
+    num_workers: int | None = None  # default: 0 on CPU, 4 on CUDA
+    max_steps: int | None = None  # stop early (smoke tests, benchmarks)
+    device: str | None = None  # default: cuda when available
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain dict of the fields."""
+        return asdict(self)
+
+
+@dataclass
+class TrainResult:
+    """Best weights and what happened on the way."""
+
+    state_dict: dict[str, torch.Tensor]
+    best_epoch: int
+    best_score: float
+    history: list[dict[str, float]] = field(default_factory=list)
+    segments_per_s: float = 0.0
+    data_wait_share: float = 0.0
+    steps: int = 0
+
+
+def seed_everything(seed: int) -> torch.Generator:
+    """Seed Python, NumPy and torch; return a torch generator for data order."""
+    random.seed(seed)
+    np.random.seed(seed)  # noqa: NPY002 - third-party code may use the legacy global RNG
+    torch.manual_seed(seed)
+    g = torch.Generator()
+    g.manual_seed(seed)
+    return g
+
+
+def pick_device(name: str | None = None) -> torch.device:
+    """``name`` if given, else CUDA when available, else CPU."""
+    if name:
+        return torch.device(name)
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def loss_fn(logits: torch.Tensor, target: torch.Tensor, multi_label: bool) -> torch.Tensor:
+    """Soft-target cross entropy (single label) or binary cross entropy (multi-label)."""
+    logits = logits.float()
+    if multi_label:
+        return F.binary_cross_entropy_with_logits(logits, target)
+    return F.cross_entropy(logits, target)
+
+
+def train(model: Tagger, train_ds: Dataset, valid_ds: Dataset, config: TrainConfig, *,
+          multi_label: bool, score: Callable[[Tagger], float],
+          checkpoint_dir: str | None = None, resume: bool = True,
+          on_epoch: Callable[[int, dict[str, float]], None] | None = None) -> TrainResult:
+    """Train ``model``; keep the weights with the best ``score`` (higher is better).
+
+    Parameters
+    ----------
+    model : Tagger
+    train_ds, valid_ds : Dataset
+        ``(matrix, target)`` datasets.
+    config : TrainConfig
+    multi_label : bool
+    score : callable
+        Validation score of the model (e.g. track-level macro-F1), called once per epoch.
+    checkpoint_dir : str, optional
+        Where ``last.pt`` is written after every epoch; with ``resume`` an existing one is
+        loaded and training continues from the epoch after it.
+    on_epoch : callable, optional
+        Receives ``(epoch, metrics)`` after each epoch.
+    """
+    generator = seed_everything(config.seed)
+    device = pick_device(config.device)
+    cuda = device.type == "cuda"
+    model.to(device)
+    workers = config.num_workers if config.num_workers is not None else (4 if cuda else 0)
+    loader = DataLoader(train_ds, batch_size=config.batch_size, shuffle=True, drop_last=False,
+                        num_workers=workers, pin_memory=cuda, generator=generator,
+                        persistent_workers=workers > 0)
+    steps_per_epoch = max(1, len(loader))
+    total_steps = steps_per_epoch * config.epochs
+    if config.max_steps:
+        total_steps = min(total_steps, config.max_steps)
+    opt = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
+    if config.schedule == "onecycle":
+        sched: torch.optim.lr_scheduler.LRScheduler = torch.optim.lr_scheduler.OneCycleLR(
+            opt, max_lr=config.lr, total_steps=max(total_steps, 2), pct_start=0.2)
+    else:
+        warm = max(1, total_steps // 20)
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / warm) * 0.5
+                                                  * (1 + math.cos(math.pi * min(s, total_steps)
+                                                                  / max(1, total_steps))))
+    start_epoch, best, best_epoch, best_state, history, step = 0, -math.inf, -1, None, [], 0
+    ckpt = os.path.join(checkpoint_dir, "last.pt") if checkpoint_dir else None
+    if ckpt and resume and os.path.exists(ckpt):
+        state = torch.load(ckpt, map_location=device, weights_only=False)
+        model.load_state_dict(state["model"])
+        opt.load_state_dict(state["optimizer"])
+        sched.load_state_dict(state["scheduler"])
+        start_epoch, best, best_epoch = state["epoch"] + 1, state["best"], state["best_epoch"]
+        best_state, history, step = state["best_state"], state["history"], state["step"]
+        generator.set_state(state["generator"])
+    seen, busy, wait = 0, 0.0, 0.0
+    stale = 0 if best_epoch < 0 else (start_epoch - 1 - best_epoch)
+    for epoch in range(start_epoch, config.epochs):
+        if hasattr(train_ds, "epoch"):
+            train_ds.epoch = epoch
+        model.train()
+        losses = []
+        tick = time.perf_counter()
+        for x, y in loader:
+            got = time.perf_counter()
+            wait += got - tick
+            x = x.to(device, non_blocking=cuda)
+            y = y.to(device, non_blocking=cuda)
+            if config.specaugment:
+                x = spec_augment(x, generator=generator)
+            x, y = mixup(x, y, config.mixup_alpha, generator=generator)
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cuda):
+                logits = model(x)
+            loss = loss_fn(logits, y, multi_label)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            if step < total_steps - 1 or config.schedule != "onecycle":
+                sched.step()
+            losses.append(float(loss.detach()))
+            step += 1
+            seen += x.shape[0]
+            if cuda:
+                torch.cuda.synchronize()
+            tick = time.perf_counter()
+            busy += tick - got
+            if config.max_steps and step >= config.max_steps:
+                break
+        value = score(model)
+        metrics = {"train_loss": float(np.mean(losses)) if losses else float("nan"),
+                   "valid_score": value, "lr": float(opt.param_groups[0]["lr"])}
+        history.append({"epoch": epoch, **metrics})
+        if on_epoch:
+            on_epoch(epoch, metrics)
+        if value > best:
+            best, best_epoch, stale = value, epoch, 0
+            best_state = copy.deepcopy({k: v.detach().cpu() for k, v in
+                                        model.state_dict().items()})
+        else:
+            stale += 1
+        if ckpt:
+            os.makedirs(checkpoint_dir, exist_ok=True)  # type: ignore[arg-type]
+            torch.save({"model": model.state_dict(), "optimizer": opt.state_dict(),
+                        "scheduler": sched.state_dict(), "epoch": epoch, "best": best,
+                        "best_epoch": best_epoch, "best_state": best_state,
+                        "history": history, "step": step,
+                        "generator": generator.get_state()}, ckpt + ".tmp")
+            os.replace(ckpt + ".tmp", ckpt)
+        if stale >= config.patience or (config.max_steps and step >= config.max_steps):
+            break
+    if best_state is None:
+        best_state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
+    model.load_state_dict(best_state)
+    total = busy + wait
+    return TrainResult(best_state, best_epoch, best, history,
+                       segments_per_s=seen / total if total else 0.0,
+                       data_wait_share=wait / total if total else 0.0, steps=step)
+
+
+@torch.inference_mode()
+def predict(model: Tagger, dataset: Dataset, *, batch_size: int = 256,
+            device: torch.device | None = None, embeddings: bool = False
+            ) -> tuple[np.ndarray, np.ndarray | None]:
+    """Probabilities (softmax or sigmoid applied here) and optionally embeddings."""
+    device = device or next(model.parameters()).device
+    model.eval()
+    multi = getattr(model, "multi_label", False)
+    probs, embs = [], []
+    loader = DataLoader(dataset, batch_size=batch_size, shuffle=False)
+    for x, _ in loader:
+        x = x.to(device)
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+            e = model.embed(x)
+            logits = model.head(e).float()
+        probs.append((torch.sigmoid(logits) if multi else torch.softmax(logits, -1)).cpu())
+        if embeddings:
+            embs.append(e.float().cpu())
+    p = torch.cat(probs).numpy() if probs else np.zeros((0, model.n_classes), np.float32)
+    return p, (torch.cat(embs).numpy() if embeddings and embs else None)

@@ -1,0 +1,214 @@
+"""Models: a config dataclass per architecture, built by name from a registry.
+
+Every model takes ``(batch, rows, frames)`` matrices (log-mel: rows = n_mels; MFCC: rows =
+n_mfcc), standardises them with per-row statistics of the training set (stored as buffers, so
+a saved model carries them), and returns **logits**; activations and losses live outside.
+``embed`` returns the layer before the head (the embedding used for similarity search).
+Sizes come from the config and the data, never hard-coded.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from typing import Any, ClassVar
+
+import torch
+from torch import nn
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """Fields shared by every neural model."""
+
+    name: ClassVar[str] = ""
+    input: ClassVar[str] = "logmel"
+    dropout: float = 0.3
+    embed_dim: int = 256
+
+    def to_dict(self) -> dict[str, Any]:
+        """Config fields plus ``name`` and ``input``."""
+        return {"name": self.name, "input": self.input, **asdict(self)}
+
+
+@dataclass(frozen=True)
+class CNNConfig(ModelConfig):
+    """2-D CNN on log-mel: conv-BN-ReLU-pool blocks, global avg+max pooling."""
+
+    name: ClassVar[str] = "cnn"
+    channels: tuple[int, ...] = (32, 64, 128, 128)
+
+
+@dataclass(frozen=True)
+class MFCCCNNConfig(ModelConfig):
+    """The notebooks' three-conv CNN on MFCC matrices."""
+
+    name: ClassVar[str] = "mfcc_cnn"
+    input: ClassVar[str] = "mfcc"
+    channels: tuple[int, ...] = (32, 64, 64)
+    embed_dim: int = 128
+
+
+@dataclass(frozen=True)
+class CRNNConfig(ModelConfig):
+    """Conv front end that pools frequency away, then a recurrent layer over time."""
+
+    name: ClassVar[str] = "crnn"
+    channels: tuple[int, ...] = (64, 128, 128)
+    rnn: str = "gru"
+    hidden: int = 128
+    bidirectional: bool = True
+
+
+@dataclass(frozen=True)
+class ShortChunkResNetConfig(ModelConfig):
+    """Won et al. (2020) short-chunk ResNet: 7 residual 3x3 blocks, global max pool."""
+
+    name: ClassVar[str] = "short_chunk_resnet"
+    channels: int = 128
+    blocks: int = 7
+    embed_dim: int = 512
+
+
+MODEL_CONFIGS: dict[str, type[ModelConfig]] = {
+    c.name: c for c in (CNNConfig, MFCCCNNConfig, CRNNConfig, ShortChunkResNetConfig)
+}
+
+
+class Standardize(nn.Module):
+    """``(x - mean) / std`` per input row, statistics fixed from the training set."""
+
+    def __init__(self, rows: int) -> None:
+        super().__init__()
+        self.register_buffer("mean", torch.zeros(rows, 1))
+        self.register_buffer("std", torch.ones(rows, 1))
+
+    def set(self, mean: torch.Tensor, std: torch.Tensor) -> None:
+        """Store per-row statistics (shape ``(rows,)``)."""
+        self.mean.copy_(mean.reshape(-1, 1))
+        self.std.copy_(std.clamp_min(1e-3).reshape(-1, 1))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return (x - self.mean) / self.std
+
+
+class Tagger(nn.Module):
+    """Standardise → backbone (→ embedding) → linear head giving logits."""
+
+    def __init__(self, config: ModelConfig, rows: int, n_classes: int) -> None:
+        super().__init__()
+        self.config, self.rows, self.n_classes = config, rows, n_classes
+        self.standardize = Standardize(rows)
+        self.backbone = _build_backbone(config, rows)
+        self.head = nn.Linear(config.embed_dim, n_classes)
+
+    def embed(self, x: torch.Tensor) -> torch.Tensor:
+        """Embedding ``(batch, embed_dim)`` of ``x`` ``(batch, rows, frames)``."""
+        return self.backbone(self.standardize(x).unsqueeze(1))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.embed(x))
+
+
+def build_model(config: ModelConfig, rows: int, n_classes: int) -> Tagger:
+    """Build the model for ``config`` with ``rows`` input rows and ``n_classes`` outputs."""
+    return Tagger(config, rows, n_classes)
+
+
+def config_from_dict(data: dict[str, Any]) -> ModelConfig:
+    """Inverse of :meth:`ModelConfig.to_dict`."""
+    data = dict(data)
+    cls = MODEL_CONFIGS[data.pop("name")]
+    data.pop("input", None)
+    for key, value in list(data.items()):
+        if isinstance(value, list):
+            data[key] = tuple(value)
+    return cls(**data)
+
+
+# ----------------------------------------------------------------------------------------
+def _conv_block(c_in: int, c_out: int, pool: tuple[int, int]) -> nn.Sequential:
+    return nn.Sequential(
+        nn.Conv2d(c_in, c_out, 3, padding=1, bias=False), nn.BatchNorm2d(c_out), nn.ReLU(True),
+        nn.MaxPool2d(pool, ceil_mode=True),
+    )
+
+
+class _GlobalPool(nn.Module):
+    def __init__(self, mode: str) -> None:
+        super().__init__()
+        self.mode = mode
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        flat = x.flatten(2)
+        if self.mode == "max":
+            return flat.amax(-1)
+        return torch.cat([flat.mean(-1), flat.amax(-1)], dim=1)
+
+
+def _embedding(c_in: int, dim: int, dropout: float) -> nn.Sequential:
+    return nn.Sequential(nn.Linear(c_in, dim), nn.BatchNorm1d(dim), nn.ReLU(True),
+                         nn.Dropout(dropout))
+
+
+class _Recurrent(nn.Module):
+    def __init__(self, config: CRNNConfig, c_in: int) -> None:
+        super().__init__()
+        rnn = nn.GRU if config.rnn == "gru" else nn.LSTM
+        self.rnn = rnn(c_in, config.hidden, batch_first=True,
+                       bidirectional=config.bidirectional)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        seq = x.amax(dim=2).transpose(1, 2)  # (B, C, F', T') -> (B, T', C)
+        out, _ = self.rnn(seq)
+        return torch.cat([out.mean(1), out.amax(1)], dim=1)
+
+
+class _Res2d(nn.Module):
+    def __init__(self, c_in: int, c_out: int, stride: int = 2) -> None:
+        super().__init__()
+        self.body = nn.Sequential(
+            nn.Conv2d(c_in, c_out, 3, stride=stride, padding=1, bias=False),
+            nn.BatchNorm2d(c_out), nn.ReLU(True),
+            nn.Conv2d(c_out, c_out, 3, padding=1, bias=False), nn.BatchNorm2d(c_out),
+        )
+        self.skip = nn.Sequential(
+            nn.Conv2d(c_in, c_out, 3, stride=stride, padding=1, bias=False),
+            nn.BatchNorm2d(c_out),
+        ) if (stride != 1 or c_in != c_out) else nn.Identity()
+        self.act = nn.ReLU(True)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.act(self.body(x) + self.skip(x))
+
+
+def _build_backbone(config: ModelConfig, rows: int) -> nn.Module:
+    if isinstance(config, (CNNConfig, MFCCCNNConfig)):
+        layers: list[nn.Module] = []
+        c_in = 1
+        for c in config.channels:
+            layers.append(_conv_block(c_in, c, (2, 2)))
+            c_in = c
+        return nn.Sequential(*layers, _GlobalPool("avgmax"),
+                             _embedding(2 * c_in, config.embed_dim, config.dropout))
+    if isinstance(config, CRNNConfig):
+        layers, c_in = [], 1
+        for i, c in enumerate(config.channels):
+            layers.append(_conv_block(c_in, c, (4, 2) if i < 2 else (2, 1)))
+            c_in = c
+        width = config.hidden * (2 if config.bidirectional else 1) * 2
+        return nn.Sequential(*layers, _Recurrent(config, c_in),
+                             _embedding(width, config.embed_dim, config.dropout))
+    if isinstance(config, ShortChunkResNetConfig):
+        n = config.channels
+        widths = [n, n, 2 * n, 2 * n, 2 * n, 2 * n, 4 * n][: config.blocks]
+        widths += [4 * n] * (config.blocks - len(widths))
+        blocks, c_in = [], 1
+        for w in widths:
+            blocks.append(_Res2d(c_in, w))
+            c_in = w
+        return nn.Sequential(*blocks, _GlobalPool("max"),
+                             _embedding(c_in, config.embed_dim, config.dropout))
+    raise ValueError(f"no backbone for {type(config).__name__}")
+
+
+__all__ = ["MODEL_CONFIGS", "ModelConfig", "Tagger", "build_model", "config_from_dict", "field"]

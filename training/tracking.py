@@ -1,0 +1,151 @@
+"""Every MLflow call of the project: tracking URI, runs, params, metrics, artifacts, the model,
+the registry and its aliases.
+
+Embedded default: a SQLite tracking store ``STORE/mlflow/mlflow.db`` with artifacts under
+``STORE/mlflow/artifacts``. With ``MLFLOW_TRACKING_URI`` set, that server (or store) is used.
+One experiment per registered model name. Scoring loads ``models:/NAME@champion``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from typing import Any
+
+import mlflow
+import numpy as np
+from mlflow import MlflowClient
+from mlflow.exceptions import MlflowException
+from mlflow.models.signature import ModelSignature
+from mlflow.types.schema import ColSpec, ParamSchema, ParamSpec, Schema, TensorSpec
+
+from featurestore.store import FeatureStore
+from tasks.errors import StoreError
+
+CANDIDATE, CHAMPION = "candidate", "champion"
+
+
+def configure(store: FeatureStore) -> str:
+    """Point MLflow at ``MLFLOW_TRACKING_URI`` or the store's embedded SQLite; return it."""
+    uri = os.environ.get("MLFLOW_TRACKING_URI")
+    if not uri:
+        if not store.is_local:
+            raise StoreError("a remote store needs MLFLOW_TRACKING_URI (an MLflow server)")
+        os.makedirs(store.path("mlflow"), exist_ok=True)
+        uri = f"sqlite:///{store.path('mlflow', 'mlflow.db')}"
+    mlflow.set_tracking_uri(uri)
+    mlflow.set_registry_uri(uri)
+    return uri
+
+
+def experiment(store: FeatureStore, name: str) -> str:
+    """Id of the experiment for registered model ``name`` (created if missing)."""
+    found = mlflow.get_experiment_by_name(name)
+    if found is not None:
+        return str(found.experiment_id)
+    location = None
+    if not os.environ.get("MLFLOW_TRACKING_URI") and store.is_local:
+        location = "file://" + store.path("mlflow", "artifacts", name)
+    return str(mlflow.create_experiment(name, artifact_location=location))
+
+
+def log_params(params: dict[str, Any]) -> None:
+    """Log params (values as strings, lists as JSON)."""
+    flat = {k: (json.dumps(v) if isinstance(v, (list, dict, tuple)) else v)
+            for k, v in params.items()}
+    mlflow.log_params({k: str(v)[:6000] for k, v in flat.items()})
+
+
+def log_metrics(metrics: dict[str, float], step: int | None = None) -> None:
+    """Log finite numeric metrics."""
+    clean = {k: float(v) for k, v in metrics.items()
+             if isinstance(v, (int, float)) and np.isfinite(v)}
+    if clean:
+        mlflow.log_metrics(clean, step=step)
+
+
+def log_report(rep: dict[str, Any], prefix: str, text: str | None = None) -> None:
+    """Log a report's headline numbers as metrics and the whole report as JSON (and text)."""
+    log_metrics({f"{prefix}_{k}": v for k, v in rep.items()
+                 if k in ("accuracy", "macro_f1", "weighted_f1", "macro_precision",
+                          "macro_recall", "weighted_precision", "weighted_recall", "roc_auc",
+                          "pr_auc")})
+    mlflow.log_dict(rep, f"reports/{prefix}.json")
+    if text:
+        mlflow.log_text(text, f"reports/{prefix}.txt")
+
+
+def log_file(path: str, folder: str | None = None) -> None:
+    """Log a local file as an artifact."""
+    mlflow.log_artifact(path, folder)
+
+
+def log_model(artifact_dir: str, meta: dict[str, Any], example: Any) -> str:
+    """Log the tagger as a pyfunc model with signature and input example; return its URI."""
+    import sklearn
+    import torch
+
+    from training.pyfunc import TaggerPyfunc
+
+    n = len(meta["classes"])
+    params = ParamSchema([ParamSpec("output", "string", "probabilities")])
+    outputs = Schema([TensorSpec(np.dtype(np.float32), (-1, n))])
+    if meta["input"] == "summary":
+        inputs = Schema([ColSpec("float", c) for c in meta["columns"]])
+    else:
+        rows, frames = meta["shape"]
+        inputs = Schema([TensorSpec(np.dtype(np.float32), (-1, rows, frames))])
+    info = mlflow.pyfunc.log_model(
+        name="model", python_model=TaggerPyfunc(), artifacts={"artifact": artifact_dir},
+        signature=ModelSignature(inputs=inputs, outputs=outputs, params=params),
+        input_example=example,
+        pip_requirements=[f"torch=={torch.__version__.split('+')[0]}",
+                          f"scikit-learn=={sklearn.__version__}", f"numpy=={np.__version__}",
+                          f"mlflow=={mlflow.__version__}"],
+    )
+    return str(info.model_uri)
+
+
+def annotate_run(run_id: str, *, metrics: dict[str, float], tags: dict[str, str],
+                 document: tuple[str, dict[str, Any]]) -> None:
+    """Add metrics, tags and a JSON document to a finished run."""
+    client = MlflowClient()
+    for key, value in metrics.items():
+        if isinstance(value, (int, float)) and np.isfinite(value):
+            client.log_metric(run_id, key, float(value))
+    for key, value in tags.items():
+        client.set_tag(run_id, key, value)
+    client.log_dict(run_id, document[1], document[0])
+
+
+def register(model_uri: str, name: str, tags: dict[str, str]) -> str:
+    """Register a model version, tag it, set alias ``candidate``; return the version."""
+    version = mlflow.register_model(model_uri, name, tags=tags).version
+    MlflowClient().set_registered_model_alias(name, CANDIDATE, version)
+    return str(version)
+
+
+def alias_version(name: str, alias: str) -> Any | None:
+    """The model version behind ``name@alias``, or None."""
+    try:
+        return MlflowClient().get_model_version_by_alias(name, alias)
+    except MlflowException:
+        return None
+
+
+def set_alias(name: str, alias: str, version: str) -> None:
+    """Point ``name@alias`` at ``version``."""
+    MlflowClient().set_registered_model_alias(name, alias, version)
+
+
+def load_artifact_dir(model_uri: str) -> str:
+    """Download a registered model's tagger artifact folder; return the local path."""
+    local = mlflow.artifacts.download_artifacts(artifact_uri=model_uri,
+                                                dst_path=tempfile.mkdtemp(prefix="mtag-model-"))
+    return os.path.join(local, "artifacts", "artifact")
+
+
+def load_pyfunc(model_uri: str) -> Any:
+    """``mlflow.pyfunc.load_model`` of ``model_uri``."""
+    return mlflow.pyfunc.load_model(model_uri)

@@ -1,0 +1,229 @@
+"""Fit and evaluate one model on a labelled feature set (no MLflow, no Prefect here).
+
+:func:`prepare` matches labels to the store's tracks and splits them; :func:`fit` trains a
+named model and returns its predictor, reports and artifact folder; :func:`evaluate_split`
+scores any predictor on a split of any prepared labelled set.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from dataclasses import dataclass, field, replace
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from featurestore.query import connect, run_query
+from featurestore.reader import TensorReader
+from featurestore.store import FeatureStore
+from tasks.errors import ParameterError
+from tasks.version import CODE_VERSION
+from training import artifact
+from training.classic import CLASSIC_MODELS, build_classic, classic_proba, fit_classic
+from training.data import SegmentDataset, SplitRows, row_statistics, split_rows, summary_frame
+from training.evaluate import aggregate_tracks, confidence_threshold, report
+from training.labels import LabelSet, match_labels, read_labels
+from training.loop import TrainConfig, TrainResult, pick_device, predict, train
+from training.models import MODEL_CONFIGS, build_model
+
+MODEL_NAMES = (*MODEL_CONFIGS, *CLASSIC_MODELS)
+
+
+@dataclass
+class Prepared:
+    """A labelled feature set with its split."""
+
+    store: FeatureStore
+    feature_set: str
+    labels: LabelSet
+    splits: pd.Series
+    _reader: TensorReader | None = None
+    _summary: tuple[pd.DataFrame, list[str]] | None = None
+
+    @property
+    def reader(self) -> TensorReader:
+        """Memory-mapped tensors of the feature set (opened once)."""
+        if self._reader is None:
+            self._reader = TensorReader(self.store, self.feature_set)
+        return self._reader
+
+    @property
+    def summary(self) -> tuple[pd.DataFrame, list[str]]:
+        """Segment summary table and its feature columns (read once)."""
+        if self._summary is None:
+            self._summary = summary_frame(self.store, self.feature_set)
+        return self._summary
+
+    def parts(self, kind: str) -> dict[str, SplitRows]:
+        """Segment rows per split, for tensor (``logmel``/``mfcc``) or ``summary`` inputs."""
+        if kind == "summary":
+            table, _ = self.summary
+            return split_rows(table["track_id"].to_numpy(object), self.labels, self.splits)
+        return split_rows(self.reader.index.track_id, self.labels, self.splits)
+
+    def split_counts(self) -> dict[str, int]:
+        """Tracks per split."""
+        return {k: int(v) for k, v in self.splits.value_counts().items()}
+
+
+@dataclass
+class FitOutput:
+    """A trained model and how it did."""
+
+    model: str
+    predictor: artifact.Predictor
+    artifact_dir: str
+    params: dict[str, Any]
+    valid: dict[str, Any]
+    test_segment: dict[str, Any]
+    test_track: dict[str, Any]
+    history: list[dict[str, float]] = field(default_factory=list)
+    train_seconds: float = 0.0
+    segments_per_s: float = 0.0
+    data_wait_share: float = 0.0
+
+
+def prepare(store_url: str, labels_path: str, *, feature_set: str | None = None,
+            group_column: str | None = None, valid_size: float = 0.15,
+            test_size: float = 0.15, seed: int = 0) -> Prepared:
+    """Match a labels file to a store's tracks and split them by track."""
+    from training.split import split_tracks
+
+    store = FeatureStore(store_url)
+    fs = feature_set or store.default_feature_set()
+    con = connect(store, fs)
+    try:
+        tracks = run_query(con, "SELECT track_id, path, status FROM tracks").to_pandas()
+        sources = run_query(con, "SELECT uri, track_id FROM sources").to_pandas()
+    finally:
+        con.close()
+    labels = match_labels(read_labels(labels_path, group_column=group_column), tracks, sources)
+    splits = split_tracks(labels.frame, valid_size=valid_size, test_size=test_size, seed=seed)
+    labels.frame["split"] = splits.to_numpy()
+    return Prepared(store, fs, labels, splits)
+
+
+def fit(prep: Prepared, model: str, workdir: str, *, train_config: TrainConfig | None = None,
+        model_params: dict[str, Any] | None = None, resume: bool = True,
+        on_epoch: Any = None) -> FitOutput:
+    """Train ``model`` on the train split, select on valid, report on test."""
+    if model not in MODEL_NAMES:
+        raise ParameterError(f"unknown model {model!r}; choose from {list(MODEL_NAMES)} or auto")
+    tc = train_config or TrainConfig()
+    labels = prep.labels
+    started = time.perf_counter()
+    base_meta: dict[str, Any] = {
+        "model": model, "classes": labels.classes, "multi_label": labels.multi_label,
+        "feature_set": prep.feature_set, "feature_config": prep.store.config(
+            prep.feature_set).to_dict(),
+        "label_set": labels.digest, "code_version": CODE_VERSION,
+    }
+    result: TrainResult | None = None
+    if model in CLASSIC_MODELS:
+        table, columns = prep.summary
+        parts = prep.parts("summary")
+        x = table[columns].to_numpy(np.float32)
+        est = build_classic(model, multi_label=labels.multi_label, seed=tc.seed,
+                            params=model_params)
+        fit_classic(est, x[parts["train"].rows], parts["train"].targets,
+                    multi_label=labels.multi_label)
+        meta = base_meta | {"input": "summary", "columns": columns,
+                            "model_config": {"name": model, **(model_params or {})}}
+        predictor = artifact.Predictor(meta, sklearn_model=est)
+        params = {"model": model, **(model_params or {})}
+    else:
+        cfg = MODEL_CONFIGS[model](**(model_params or {}))
+        reader = prep.reader
+        parts = prep.parts(cfg.input)
+        net = build_model(cfg, reader.shapes[cfg.input][0], len(labels.classes))
+        net.multi_label = labels.multi_label  # type: ignore[attr-defined]
+        net.standardize.set(*row_statistics(reader, parts["train"], cfg.input, seed=tc.seed))
+        train_ds = SegmentDataset(reader, parts["train"], cfg.input, crop_frames=tc.crop_frames,
+                                  seed=tc.seed)
+        valid_ds = SegmentDataset(reader, parts["valid"], cfg.input)
+
+        def score(m: Any) -> float:
+            if len(valid_ds) == 0:
+                return 0.0
+            probs, _ = predict(m, valid_ds)
+            ids, tp = aggregate_tracks(parts["valid"].track_ids, probs)
+            return float(report(labels.targets(ids), tp, labels.classes,
+                                multi_label=labels.multi_label)["macro_f1"])
+
+        ckpt = os.path.join(workdir, model, "checkpoints")
+        result = train(net, train_ds, valid_ds, tc, multi_label=labels.multi_label,
+                       score=score, checkpoint_dir=ckpt, resume=resume, on_epoch=on_epoch)
+        net.cpu()
+        meta = base_meta | {"input": cfg.input, "model_config": cfg.to_dict(),
+                            "shape": list(reader.shapes[cfg.input])}
+        predictor = artifact.Predictor(meta, torch_model=net)
+        params = {**cfg.to_dict(), **{f"train.{k}": v for k, v in tc.to_dict().items()}}
+    valid_seg, valid_track = evaluate_split(predictor, prep, "valid")
+    threshold = 0.0
+    if valid_track["n"]:
+        ids, probs, targets = predict_split(predictor, prep, "valid", tracks=True)
+        threshold = confidence_threshold(targets, probs, multi_label=labels.multi_label)
+    predictor.meta["threshold"] = threshold
+    test_seg, test_track = evaluate_split(predictor, prep, "test")
+    out_dir = os.path.join(workdir, model, "artifact")
+    artifact.save(out_dir, predictor.meta, torch_model=predictor.torch_model,
+                  sklearn_model=predictor.sklearn_model)
+    if predictor.torch_model is not None:
+        predictor = replace(predictor, device=pick_device())
+        predictor.torch_model.to(predictor.device)
+    return FitOutput(model, predictor, out_dir, params, valid_track, test_seg, test_track,
+                     history=result.history if result else [],
+                     train_seconds=time.perf_counter() - started,
+                     segments_per_s=result.segments_per_s if result else 0.0,
+                     data_wait_share=result.data_wait_share if result else 0.0)
+
+
+def predict_split(predictor: artifact.Predictor, prep: Prepared, split: str, *,
+                  tracks: bool = False) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """``(track ids, probabilities, targets)`` for a split, per segment or per track."""
+    kind = "summary" if predictor.input == "summary" else predictor.input
+    part = prep.parts(kind)[split]
+    if len(part) == 0:
+        n = len(prep.labels.classes)
+        return np.array([], dtype=object), np.zeros((0, n), np.float32), np.zeros((0, n))
+    if kind == "summary":
+        table, columns = prep.summary
+        probs, _ = predictor.predict(table.iloc[part.rows][columns])
+    else:
+        probs = np.concatenate([
+            predictor.predict(np.stack([prep.reader.matrix(kind, int(r))
+                                        for r in part.rows[i:i + 512]]))[0]
+            for i in range(0, len(part), 512)])
+    probs = _align(probs, predictor.classes, prep.labels.classes)
+    if not tracks:
+        return part.track_ids, probs, part.targets
+    ids, tp = aggregate_tracks(part.track_ids, probs)
+    return ids, tp, prep.labels.targets(ids)
+
+
+def evaluate_split(predictor: artifact.Predictor, prep: Prepared, split: str
+                   ) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Segment-level and track-level reports of ``predictor`` on ``split``."""
+    classes, multi = prep.labels.classes, prep.labels.multi_label
+    ids, probs, targets = predict_split(predictor, prep, split)
+    if len(ids) == 0:
+        empty = {"n": 0, "accuracy": float("nan"), "macro_f1": float("nan"),
+                 "weighted_f1": float("nan"), "per_class": []}
+        return empty, empty
+    seg = report(targets, probs, classes, multi_label=multi)
+    tids, tp = aggregate_tracks(ids, probs)
+    return seg, report(prep.labels.targets(tids), tp, classes, multi_label=multi)
+
+
+def _align(probs: np.ndarray, model_classes: list[str], classes: list[str]) -> np.ndarray:
+    """Reorder a model's probability columns to ``classes`` (missing classes are 0)."""
+    if model_classes == classes:
+        return probs
+    index = {c: i for i, c in enumerate(model_classes)}
+    out = np.zeros((len(probs), len(classes)), dtype=np.float32)
+    for j, c in enumerate(classes):
+        if c in index:
+            out[:, j] = probs[:, index[c]]
+    return out
