@@ -282,11 +282,12 @@ def _contrast_peak_valley(
     valley = np.empty((n, len(bands)), dtype=np.float32)
     for b, (lo, hi, count) in enumerate(bands):
         sub = mag[:, lo:hi]
-        width = hi - lo
-        if 2 * count >= width:
-            ordered = np.sort(sub, axis=-1)
-        else:
-            ordered = np.partition(sub, (count - 1, width - count), axis=-1)
+        if count == 1:
+            valley[:, b] = sub.min(axis=-1)
+            peak[:, b] = sub.max(axis=-1)
+            continue
+        # a full SIMD sort along the contiguous axis beats np.partition by 4-5x here
+        ordered = np.sort(sub, axis=-1)
         valley[:, b] = ordered[:, :count].mean(axis=-1)
-        peak[:, b] = ordered[:, width - count:].mean(axis=-1)
+        peak[:, b] = ordered[:, -count:].mean(axis=-1)
     return peak, valley
