@@ -5,20 +5,33 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from typing import Any
 
 log = logging.getLogger("mtag")
 
 
 @dataclass(frozen=True)
 class ClusterInfo:
-    """Where the cluster is and how much it can run at once."""
+    """Where the cluster is, how much it can run at once, and a client connected to it."""
 
     address: str
     dashboard: str | None
     workers: int
     threads: int
+    client: Any = None
+
+    def warm(self, fn: Callable[..., Any], *args: Any) -> list[Any]:
+        """Run ``fn(*args)`` once on every worker, in its task slot, without waiting.
+
+        Used to pay imports and filter-bank set-up while the flow is still starting.
+        """
+        futures = []
+        for address in self.client.scheduler_info(n_workers=-1)["workers"]:
+            futures.append(self.client.submit(fn, *args, workers=[address], pure=False,
+                                              allow_other_workers=False))
+        return futures
 
 
 def default_workers() -> int:
@@ -49,9 +62,10 @@ def dask_cluster(address: str | None = None, *, n_workers: int | None = None,
     if address:
         with Client(address, timeout="30s") as client:
             info = _info(client, address)
-        if echo:
-            print(f"Dask: scheduler {address}, {info.workers} workers; dashboard {info.dashboard}")
-        yield info
+            if echo:
+                print(f"Dask: scheduler {address}, {info.workers} workers; "
+                      f"dashboard {info.dashboard}")
+            yield info
         return
     with LocalCluster(
         n_workers=n_workers or default_workers(), threads_per_worker=1, processes=True,
@@ -67,4 +81,5 @@ def dask_cluster(address: str | None = None, *, n_workers: int | None = None,
 def _info(client: object, address: str) -> ClusterInfo:
     workers = client.scheduler_info(n_workers=-1)["workers"]  # type: ignore[attr-defined]
     threads = sum(w.get("nthreads", 1) for w in workers.values())
-    return ClusterInfo(address, getattr(client, "dashboard_link", None), len(workers), threads)
+    return ClusterInfo(address, getattr(client, "dashboard_link", None), len(workers), threads,
+                       client)

@@ -22,6 +22,7 @@ DEMO_RATES = (44100, 48000, 32000, 22050)
 
 def _render_one(row: dict) -> str:
     import soundfile as sf
+
     from tasks.synth import render_track
 
     path = row["path"]

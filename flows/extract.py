@@ -39,6 +39,14 @@ def _extractor(config_json: str) -> SpectralExtractor:
     return SpectralExtractor(FeatureConfig.from_dict(json.loads(config_json)))
 
 
+def warm_worker(config_json: str) -> str:
+    """Import the feature stack and build the extractor once in this worker process."""
+    import prefect.task_engine  # noqa: F401  (the task engine's own imports)
+
+    _extractor(config_json)
+    return f"{socket.gethostname()}:{os.getpid()}"
+
+
 def probe_files(files: list[SourceFile]) -> list[ProbeRecord]:
     """Hash each file and read its header; failures become records, never exceptions."""
     return [probe_one(f) for f in files]

@@ -21,9 +21,9 @@ from prefect_dask import DaskTaskRunner
 from featurestore.sources import SourceFile, discover
 from featurestore.store import FeatureStore, ShardManifest
 from flows.cluster import dask_cluster
-from flows.extract import probe_files, run_shard
-from flows.prefect_api import prefect_api
+from flows.extract import probe_files, run_shard, warm_worker
 from flows.plan import batches, dedupe, plan_shards, triage
+from flows.prefect_api import prefect_api
 from flows.progress import Progress
 from flows.records import ProbeRecord, ShardPlan, ShardResult
 from tasks.config import FeatureConfig
@@ -135,8 +135,7 @@ def ingest_flow(source: str, store: str, config: dict[str, Any] | None = None,
              "content_hash": r.content_hash, "track_id": r.track_id} for r in records
         ])
         pending, summary.duplicates = dedupe(records, committed)
-        shards = plan_shards(pending, fs_id, shard_minutes=shard_minutes,
-                             min_shards=2 * workers)
+        shards = plan_shards(pending, fs_id, shard_minutes=shard_minutes, workers=workers)
         if shards:
             _extract(fstore, cfg, shards, summary, progress)
     summary.wall_s = time.perf_counter() - started
@@ -219,6 +218,7 @@ def run_ingest(source: str, store: str, *, config: FeatureConfig | None = None,
     """
     cfg = config or FeatureConfig()
     with prefect_api(), dask_cluster(dask_address, n_workers=n_workers) as cluster:
+        cluster.warm(warm_worker, cfg.to_json())
         runner = DaskTaskRunner(address=cluster.address)
         result = ingest_flow.with_options(task_runner=runner)(
             source=source, store=store, config=cfg.to_dict(), shard_minutes=shard_minutes,

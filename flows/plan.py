@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterable
 from dataclasses import dataclass
 
@@ -9,8 +10,8 @@ from featurestore.hashing import short_hash, track_id_of
 from featurestore.sources import SourceFile
 from flows.records import ProbeRecord, ShardPlan
 
-FAILED_TRACK_COST_S = 1.0
-"""Seconds a track without audio counts for when sizing shards."""
+TRACK_OVERHEAD_S = 1.0
+"""Audio seconds a track's fixed cost (open, header, write) counts for when sizing shards."""
 
 
 @dataclass(frozen=True)
@@ -44,8 +45,8 @@ def batches(items: list, n_batches: int, max_size: int) -> list[list]:
 
 
 def plan_shards(records: list[ProbeRecord], feature_set: str, *, shard_minutes: float,
-                min_shards: int = 1, max_tracks: int = 2000) -> list[ShardPlan]:
-    """Group records into shards of about ``shard_minutes`` of audio.
+                workers: int = 1, max_tracks: int = 2000) -> list[ShardPlan]:
+    """Group records into shards of about ``shard_minutes`` of audio, evenly sized.
 
     Parameters
     ----------
@@ -53,24 +54,34 @@ def plan_shards(records: list[ProbeRecord], feature_set: str, *, shard_minutes: 
         Tracks to process, one per track id.
     feature_set : str
     shard_minutes : float > 0
-        Target audio per shard; lowered so that there are at least ``min_shards`` shards
-        (to keep every worker busy on small catalogues).
-    min_shards : int
+        Upper target of audio per shard.
+    workers : int
+        Worker slots: there are at least two shards per slot, and on small catalogues the
+        shard count is a multiple of the slots, so no worker idles at the end.
     max_tracks : int
         Upper bound of tracks per shard.
 
     Returns
     -------
     list of ShardPlan
-        Shard ids hash the feature set and the shard's track ids, so a re-plan of the same
-        pending tracks gives the same names.
+        Largest first (the order to submit them in). Shards hold consecutive URIs; shard ids
+        hash the feature set and the sorted track ids, so re-planning the same pending tracks
+        gives the same names.
     """
     def cost(r: ProbeRecord) -> float:
-        return r.duration_s if r.status == "ok" and r.duration_s else FAILED_TRACK_COST_S
+        audio = r.duration_s if r.status == "ok" and r.duration_s else 0.0
+        return audio + TRACK_OVERHEAD_S
 
     ordered = sorted(records, key=lambda r: r.uri)
+    if not ordered:
+        return []
     total = sum(cost(r) for r in ordered)
-    target = max(1.0, min(shard_minutes * 60.0, total / max(1, min_shards)))
+    n = max(2 * workers, math.ceil(total / (shard_minutes * 60.0)),
+            math.ceil(len(ordered) / max_tracks))
+    if n < 8 * workers:
+        n = math.ceil(n / workers) * workers
+    n = min(n, len(ordered))
+    target = total / n
     shards: list[ShardPlan] = []
     current: list[ProbeRecord] = []
     seconds = 0.0
@@ -81,14 +92,15 @@ def plan_shards(records: list[ProbeRecord], feature_set: str, *, shard_minutes: 
         shards.append(ShardPlan(shard_id, feature_set, tuple(current)))
 
     for r in ordered:
-        if current and (seconds + cost(r) > target or len(current) >= max_tracks):
+        # close at the boundary nearest the target: balanced shards, not just capped ones
+        if current and (seconds + cost(r) / 2 > target or len(current) >= max_tracks):
             close()
             current, seconds = [], 0.0
         current.append(r)
         seconds += cost(r)
     if current:
         close()
-    return shards
+    return sorted(shards, key=lambda s: -s.audio_s)
 
 
 def dedupe(records: Iterable[ProbeRecord], committed: set[str]) -> tuple[list[ProbeRecord], int]:

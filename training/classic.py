@@ -24,7 +24,7 @@ def build_classic(name: str, *, multi_label: bool, seed: int = 0,
     elif name == "gbm":
         clf = HistGradientBoostingClassifier(
             max_iter=params.get("max_iter", 300), learning_rate=params.get("lr", 0.1),
-            early_stopping=True, random_state=seed)
+            early_stopping="auto", random_state=seed)
     else:
         raise ValueError(f"unknown classic model {name!r}; choose from {CLASSIC_MODELS}")
     if multi_label:
@@ -36,6 +36,11 @@ def fit_classic(model: Pipeline, x: np.ndarray, targets: np.ndarray, *,
                 multi_label: bool) -> Pipeline:
     """Fit on ``x`` ``(n, d)`` and multi-hot ``targets`` ``(n, n_classes)``."""
     y = targets.astype(int) if multi_label else targets.argmax(1)
+    clf = model.named_steps["clf"]
+    base = clf.estimator if isinstance(clf, OneVsRestClassifier) else clf
+    if isinstance(base, HistGradientBoostingClassifier):
+        # the default leaf size (20) cannot split small training sets at all
+        base.set_params(min_samples_leaf=max(2, min(20, len(x) // 20)))
     model.fit(x, y)
     return model
 

@@ -1,5 +1,6 @@
 """Evaluation: segment → track aggregation, metrics, per-class report, confusion matrix plot,
-and the open-set confidence threshold."""
+and the open-set confidence threshold.
+"""
 
 from __future__ import annotations
 

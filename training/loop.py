@@ -1,5 +1,6 @@
 """The training loop: AdamW with a one-cycle or cosine schedule, early stopping, checkpoints
-that resume, seeds, and on CUDA bf16 autocast, pinned memory and non-blocking copies."""
+that resume, seeds, and on CUDA bf16 autocast, pinned memory and non-blocking copies.
+"""
 
 from __future__ import annotations
 
@@ -17,6 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset
 
+from tasks.errors import ParameterError
 from training.augment import mixup, spec_augment
 from training.models import Tagger
 
@@ -112,9 +114,9 @@ def train(model: Tagger, train_ds: Dataset, valid_ds: Dataset, config: TrainConf
                         num_workers=workers, pin_memory=cuda, generator=generator,
                         persistent_workers=workers > 0)
     steps_per_epoch = max(1, len(loader))
+    # the schedule spans every epoch; max_steps only stops the loop early, so an interrupted
+    # run and its resumption follow the same schedule
     total_steps = steps_per_epoch * config.epochs
-    if config.max_steps:
-        total_steps = min(total_steps, config.max_steps)
     opt = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
     if config.schedule == "onecycle":
         sched: torch.optim.lr_scheduler.LRScheduler = torch.optim.lr_scheduler.OneCycleLR(
@@ -128,12 +130,18 @@ def train(model: Tagger, train_ds: Dataset, valid_ds: Dataset, config: TrainConf
     ckpt = os.path.join(checkpoint_dir, "last.pt") if checkpoint_dir else None
     if ckpt and resume and os.path.exists(ckpt):
         state = torch.load(ckpt, map_location=device, weights_only=False)
+        if state.get("total_steps") != total_steps:
+            raise ParameterError(
+                f"checkpoint {ckpt} was made for {state.get('total_steps')} steps, this run "
+                f"plans {total_steps}: resume with the same epochs, batch size and data, or "
+                "use another work folder")
         model.load_state_dict(state["model"])
         opt.load_state_dict(state["optimizer"])
         sched.load_state_dict(state["scheduler"])
         start_epoch, best, best_epoch = state["epoch"] + 1, state["best"], state["best_epoch"]
         best_state, history, step = state["best_state"], state["history"], state["step"]
         generator.set_state(state["generator"])
+        _set_rng_states(state["rng"])
     seen, busy, wait = 0, 0.0, 0.0
     stale = 0 if best_epoch < 0 else (start_epoch - 1 - best_epoch)
     for epoch in range(start_epoch, config.epochs):
@@ -184,8 +192,9 @@ def train(model: Tagger, train_ds: Dataset, valid_ds: Dataset, config: TrainConf
             torch.save({"model": model.state_dict(), "optimizer": opt.state_dict(),
                         "scheduler": sched.state_dict(), "epoch": epoch, "best": best,
                         "best_epoch": best_epoch, "best_state": best_state,
-                        "history": history, "step": step,
-                        "generator": generator.get_state()}, ckpt + ".tmp")
+                        "history": history, "step": step, "total_steps": total_steps,
+                        "generator": generator.get_state(), "rng": _rng_states()},
+                       ckpt + ".tmp")
             os.replace(ckpt + ".tmp", ckpt)
         if stale >= config.patience or (config.max_steps and step >= config.max_steps):
             break
@@ -196,6 +205,23 @@ def train(model: Tagger, train_ds: Dataset, valid_ds: Dataset, config: TrainConf
     return TrainResult(best_state, best_epoch, best, history,
                        segments_per_s=seen / total if total else 0.0,
                        data_wait_share=wait / total if total else 0.0, steps=step)
+
+
+def _rng_states() -> dict[str, Any]:
+    """Global RNG states (dropout, augmentation) so a resumed run continues the same draws."""
+    states: dict[str, Any] = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(),  # noqa: NPY002
+                              "python": random.getstate()}
+    if torch.cuda.is_available():
+        states["cuda"] = torch.cuda.get_rng_state_all()
+    return states
+
+
+def _set_rng_states(states: dict[str, Any]) -> None:
+    torch.set_rng_state(states["torch"])
+    np.random.set_state(states["numpy"])  # noqa: NPY002
+    random.setstate(states["python"])
+    if "cuda" in states and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(states["cuda"])
 
 
 @torch.inference_mode()

@@ -16,11 +16,11 @@ from training import artifact
 class TaggerPyfunc(mlflow.pyfunc.PythonModel):
     """Wraps :class:`training.artifact.Predictor`."""
 
-    def load_context(self, context):  # type: ignore[no-untyped-def]  # noqa: D102
+    def load_context(self, context):  # type: ignore[no-untyped-def]
         self.predictor = artifact.load(context.artifacts["artifact"])
 
     # no type hints: MLflow would read them as a (list-based) input schema
-    def predict(self, context, model_input, params=None):  # type: ignore[no-untyped-def]  # noqa: D102
+    def predict(self, context, model_input, params=None):  # type: ignore[no-untyped-def]
         output = (params or {}).get("output", "probabilities")
         probs, emb = self.predictor.predict(model_input, embeddings=output == "embedding")
         return emb if output == "embedding" else probs

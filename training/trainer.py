@@ -21,11 +21,11 @@ from featurestore.store import FeatureStore
 from tasks.errors import ParameterError
 from tasks.version import CODE_VERSION
 from training import artifact
-from training.classic import CLASSIC_MODELS, build_classic, classic_proba, fit_classic
+from training.classic import CLASSIC_MODELS, build_classic, fit_classic
 from training.data import SegmentDataset, SplitRows, row_statistics, split_rows, summary_frame
 from training.evaluate import aggregate_tracks, confidence_threshold, report
 from training.labels import LabelSet, match_labels, read_labels
-from training.loop import TrainConfig, TrainResult, pick_device, predict, train
+from training.loop import TrainConfig, TrainResult, pick_device, predict, seed_everything, train
 from training.models import MODEL_CONFIGS, build_model
 
 MODEL_NAMES = (*MODEL_CONFIGS, *CLASSIC_MODELS)
@@ -135,6 +135,7 @@ def fit(prep: Prepared, model: str, workdir: str, *, train_config: TrainConfig |
         params = {"model": model, **(model_params or {})}
     else:
         cfg = MODEL_CONFIGS[model](**(model_params or {}))
+        seed_everything(tc.seed)  # weights are initialised from the seed, not from history
         reader = prep.reader
         parts = prep.parts(cfg.input)
         net = build_model(cfg, reader.shapes[cfg.input][0], len(labels.classes))

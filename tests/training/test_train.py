@@ -1,0 +1,134 @@
+"""Training on a real ingested store, tracked in a real MLflow SQLite store."""
+
+from __future__ import annotations
+
+import mlflow
+import numpy as np
+import pytest
+from mlflow import MlflowClient
+
+from featurestore.store import FeatureStore
+from training import tracking
+from training.loop import TrainConfig
+from training.trainer import fit, prepare
+
+pytestmark = pytest.mark.slow
+
+FAST = TrainConfig(epochs=10, batch_size=16, lr=2e-3, patience=10, seed=0)
+SMALL = {"short_chunk_resnet": {"channels": 16, "embed_dim": 64},
+         "cnn": {"channels": [16, 32, 32, 64]}, "crnn": {"channels": [16, 32, 32], "hidden": 32}}
+
+
+@pytest.fixture(scope="module")
+def prep(labelled_store):
+    store, labels, _ = labelled_store
+    return prepare(store, labels, valid_size=0.2, test_size=0.2, seed=0)
+
+
+def test_split_has_no_track_on_both_sides(prep):
+    parts = prep.parts("logmel")
+    sides = {k: set(v.track_ids) for k, v in parts.items()}
+    assert sides["train"] and sides["valid"] and sides["test"]
+    assert not (sides["train"] & sides["valid"]) and not (sides["train"] & sides["test"])
+    assert not (sides["valid"] & sides["test"])
+    assert len(prep.labels.unmatched) == 1  # catalogue/missing.flac
+
+
+@pytest.mark.parametrize("model", ["linear", "gbm", "mfcc_cnn", "cnn", "crnn",
+                                   "short_chunk_resnet"])
+def test_each_model_beats_chance(prep, tmp_path, model):
+    out = fit(prep, model, str(tmp_path), train_config=FAST, model_params=SMALL.get(model))
+    chance = 1 / len(prep.labels.classes)
+    assert out.test_segment["n"] > 10
+    assert out.test_segment["accuracy"] > chance + 0.2, out.test_segment
+    assert 0.0 <= out.predictor.meta["threshold"] <= 1.0
+    probs, emb = out.predictor.predict(
+        prep.summary[0][prep.summary[1]].head(3) if model in ("linear", "gbm") else
+        np.stack([prep.reader.matrix(out.predictor.input, i) for i in range(3)]),
+        embeddings=True)
+    np.testing.assert_allclose(probs.sum(1), 1.0, rtol=1e-4)
+    assert emb is not None and emb.shape[0] == 3
+
+
+def test_multi_label(labelled_store, tmp_path):
+    store, _, multi = labelled_store
+    p = prepare(store, multi, seed=0)
+    assert p.labels.multi_label and "winds" in p.labels.classes
+    out = fit(p, "linear", str(tmp_path))
+    assert "roc_auc" in out.test_track and "pr_auc" in out.test_track
+    probs, _ = out.predictor.predict(p.summary[0][p.summary[1]].head(4))
+    assert probs.shape == (4, len(p.labels.classes)) and probs.max() <= 1.0
+
+
+def test_resume_from_checkpoint_continues(prep, tmp_path):
+    cfg = {"channels": [8, 16, 16], "embed_dim": 32}
+    per_epoch = -(-len(prep.parts("mfcc")["train"]) // 16)
+    # an interrupted run: stops after two of four epochs, leaving its checkpoint
+    first = fit(prep, "mfcc_cnn", str(tmp_path), model_params=cfg,
+                train_config=TrainConfig(epochs=4, batch_size=16, patience=99,
+                                         max_steps=2 * per_epoch))
+    assert [h["epoch"] for h in first.history] == [0, 1]
+    resumed = fit(prep, "mfcc_cnn", str(tmp_path), model_params=cfg,
+                  train_config=TrainConfig(epochs=4, batch_size=16, patience=99))
+    assert [h["epoch"] for h in resumed.history] == [0, 1, 2, 3]
+    assert resumed.history[:2] == first.history
+    fresh = fit(prep, "mfcc_cnn", str(tmp_path / "other"), model_params=cfg,
+                train_config=TrainConfig(epochs=4, batch_size=16, patience=99))
+    from tasks.errors import ParameterError
+    with pytest.raises(ParameterError, match="resume with the same epochs"):
+        fit(prep, "mfcc_cnn", str(tmp_path), model_params=cfg,
+            train_config=TrainConfig(epochs=6, batch_size=16, patience=99))
+    # same seed, same data: resuming reproduces the uninterrupted run's losses
+    np.testing.assert_allclose([h["train_loss"] for h in resumed.history],
+                               [h["train_loss"] for h in fresh.history], rtol=1e-4)
+
+
+def test_train_flow_registers_promotes_and_reloads(labelled_store, mlflow_env, tmp_path,
+                                                   prefect_harness):
+    from flows.train import evaluate_model, train_model
+
+    store, labels, _ = labelled_store
+    name = f"test-{tmp_path.name}"[:60]
+    first = train_model(store=store, labels=labels, model="linear", registered_name=name,
+                        valid_size=0.2, test_size=0.2, workdir=str(tmp_path / "w1"))
+    assert first["promotion"]["promoted"] and first["promotion"]["version"] == "1"
+    client = MlflowClient()
+    assert str(client.get_model_version_by_alias(name, "champion").version) == "1"
+    assert str(client.get_model_version_by_alias(name, "candidate").version) == "1"
+    run = client.get_run(first["best"]["run_id"])
+    fs = FeatureStore(store).default_feature_set()
+    assert run.data.params["feature_set"] == fs
+    assert run.data.params["label_set"].startswith("ls-")
+    assert "test_track_macro_f1" in run.data.metrics
+    assert run.data.tags["promotion"] == "promoted"
+    names = {a.path for a in client.list_artifacts(run.info.run_id)}
+    assert {"label_map.json", "plots", "reports", "promotion.json"} <= names
+    plots = {a.path for a in client.list_artifacts(run.info.run_id, "plots")}
+    assert plots == {"plots/confusion_test_track.png"}  # linear: no epochs, no curves
+    assert mlflow.get_tracking_uri().startswith("sqlite:///") and store in \
+        mlflow.get_tracking_uri()
+
+    # a weaker candidate (one optimisation step) does not take the champion alias
+    second = train_model(store=store, labels=labels, model="mfcc_cnn", registered_name=name,
+                         valid_size=0.2, test_size=0.2, workdir=str(tmp_path / "w2"),
+                         train_config={"epochs": 1, "max_steps": 1, "batch_size": 8},
+                         model_params={"channels": [4, 4, 4], "embed_dim": 8})
+    promo = second["promotion"]
+    assert promo["version"] == "2" and not promo["promoted"], promo
+    assert promo["champion_test_macro_f1"] >= promo["candidate_test_macro_f1"]
+    assert str(client.get_model_version_by_alias(name, "champion").version) == "1"
+    assert str(client.get_model_version_by_alias(name, "candidate").version) == "2"
+
+    # reload from the registry: same predictions as the in-memory model
+    prep = prepare(store, labels, valid_size=0.2, test_size=0.2)
+    x = prep.summary[0][prep.summary[1]].head(5)
+    loaded = tracking.load_pyfunc(f"models:/{name}@champion")
+    from training.artifact import load
+    direct = load(first["best"]["artifact_dir"]).predict(x)[0]
+    np.testing.assert_allclose(loaded.predict(x), direct, rtol=1e-6)
+    emb = loaded.predict(x, params={"output": "embedding"})
+    assert emb.shape[0] == 5
+
+    track, seg, _ = evaluate_model(store, labels, f"models:/{name}@champion")
+    assert track["n"] == 48 and seg["n"] > 48
+    assert track["accuracy"] > 0.6
