@@ -29,6 +29,8 @@ from training.loop import TrainConfig, TrainResult, pick_device, predict, seed_e
 from training.models import MODEL_CONFIGS, build_model
 
 MODEL_NAMES = (*MODEL_CONFIGS, *CLASSIC_MODELS)
+_EMPTY_REPORT: dict[str, Any] = {"n": 0, "accuracy": float("nan"), "macro_f1": float("nan"),
+                                 "weighted_f1": float("nan"), "per_class": []}
 
 
 @dataclass
@@ -161,12 +163,11 @@ def fit(prep: Prepared, model: str, workdir: str, *, train_config: TrainConfig |
                             "shape": list(reader.shapes[cfg.input])}
         predictor = artifact.Predictor(meta, torch_model=net)
         params = {**cfg.to_dict(), **{f"train.{k}": v for k, v in tc.to_dict().items()}}
-    valid_seg, valid_track = evaluate_split(predictor, prep, "valid")
-    threshold = 0.0
-    if valid_track["n"]:
-        ids, probs, targets = predict_split(predictor, prep, "valid", tracks=True)
-        threshold = confidence_threshold(targets, probs, multi_label=labels.multi_label)
-    predictor.meta["threshold"] = threshold
+    ids, probs, targets = predict_split(predictor, prep, "valid", tracks=True)
+    valid_track = report(targets, probs, labels.classes, multi_label=labels.multi_label) \
+        if len(ids) else _EMPTY_REPORT
+    predictor.meta["threshold"] = confidence_threshold(
+        targets, probs, multi_label=labels.multi_label) if len(ids) else 0.0
     test_seg, test_track = evaluate_split(predictor, prep, "test")
     out_dir = os.path.join(workdir, model, "artifact")
     artifact.save(out_dir, predictor.meta, torch_model=predictor.torch_model,
@@ -210,9 +211,7 @@ def evaluate_split(predictor: artifact.Predictor, prep: Prepared, split: str
     classes, multi = prep.labels.classes, prep.labels.multi_label
     ids, probs, targets = predict_split(predictor, prep, split)
     if len(ids) == 0:
-        empty = {"n": 0, "accuracy": float("nan"), "macro_f1": float("nan"),
-                 "weighted_f1": float("nan"), "per_class": []}
-        return empty, empty
+        return _EMPTY_REPORT, _EMPTY_REPORT
     seg = report(targets, probs, classes, multi_label=multi)
     tids, tp = aggregate_tracks(ids, probs)
     return seg, report(prep.labels.targets(tids), tp, classes, multi_label=multi)
