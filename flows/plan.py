@@ -82,24 +82,23 @@ def plan_shards(records: list[ProbeRecord], feature_set: str, *, shard_minutes: 
         n = math.ceil(n / workers) * workers
     n = min(n, len(ordered))
     target = total / n
-    shards: list[ShardPlan] = []
-    current: list[ProbeRecord] = []
-    seconds = 0.0
-
-    def close() -> None:
-        ids = sorted(r.track_id for r in current)
-        shard_id = "s-" + short_hash(feature_set, *ids)
-        shards.append(ShardPlan(shard_id, feature_set, tuple(current)))
-
+    groups: list[list[ProbeRecord]] = [[] for _ in range(n)]
+    done, last = 0.0, 0
     for r in ordered:
-        # close at the boundary nearest the target: balanced shards, not just capped ones
-        if current and (seconds + cost(r) / 2 > target or len(current) >= max_tracks):
-            close()
-            current, seconds = [], 0.0
-        current.append(r)
-        seconds += cost(r)
-    if current:
-        close()
+        # contiguous and balanced: a track goes to the shard its cost midpoint falls in
+        k = max(min(n - 1, int((done + cost(r) / 2) / target)), last)
+        while k < len(groups) and len(groups[k]) >= max_tracks:
+            k += 1
+        if k == len(groups):
+            groups.append([])
+        groups[k].append(r)
+        last = k
+        done += cost(r)
+    shards = []
+    for members in groups:
+        if members:
+            shard_id = "s-" + short_hash(feature_set, *sorted(r.track_id for r in members))
+            shards.append(ShardPlan(shard_id, feature_set, tuple(members)))
     return sorted(shards, key=lambda s: -s.audio_s)
 
 

@@ -1,0 +1,56 @@
+from __future__ import annotations
+
+from flows.plan import batches, dedupe, plan_shards, triage
+from flows.records import ProbeRecord
+from featurestore.sources import SourceFile
+
+
+def rec(i, seconds, status="ok"):
+    return ProbeRecord(uri=f"/m/{i:04d}.wav", size_bytes=1, mtime=0.0, content_hash=f"{i:032d}",
+                       track_id=f"{i:016d}", status=status, duration_s=seconds)
+
+
+def test_shards_are_balanced_contiguous_and_largest_first():
+    records = [rec(i, 60.0 * (1 + i % 5)) for i in range(40)]
+    shards = plan_shards(records, "fs-x", shard_minutes=30, workers=2)
+    sizes = [s.audio_s for s in shards]
+    assert sizes == sorted(sizes, reverse=True)
+    assert max(sizes) - min(sizes) <= 5 * 60 + 1  # within one track of each other
+    assert sorted(t.uri for s in shards for t in s.tracks) == [r.uri for r in records]
+    for s in shards:  # consecutive URIs
+        idx = [int(t.uri[3:7]) for t in s.tracks]
+        assert idx == list(range(idx[0], idx[0] + len(idx)))
+
+
+def test_small_catalogue_gets_a_multiple_of_the_workers():
+    shards = plan_shards([rec(i, 200.0) for i in range(16)], "fs-x", shard_minutes=60,
+                         workers=2)
+    assert len(shards) == 4 and {len(s.tracks) for s in shards} == {4}
+
+
+def test_shard_ids_are_deterministic_and_cap_tracks():
+    records = [rec(i, 1.0) for i in range(50)]
+    a = plan_shards(records, "fs-x", shard_minutes=60, workers=1, max_tracks=10)
+    b = plan_shards(list(reversed(records)), "fs-x", shard_minutes=60, workers=1,
+                    max_tracks=10)
+    assert [s.shard_id for s in a] == [s.shard_id for s in b]
+    assert max(len(s.tracks) for s in a) <= 10 and sum(len(s.tracks) for s in a) == 50
+    assert plan_shards(records, "fs-y", shard_minutes=60)[0].shard_id != a[0].shard_id
+
+
+def test_triage_and_dedupe():
+    files = [SourceFile("/a", 10, 1.0), SourceFile("/b", 10, 1.0), SourceFile("/c", 5, 2.0)]
+    known = {"/a": (10, 1.0, "aa" * 16), "/b": (10, 9.9, "bb" * 16)}
+    t = triage(files, known, committed={"aa" * 8, "bb" * 8})
+    assert t.unchanged == 1 and [f.uri for f in t.to_probe] == ["/b", "/c"]
+    keep, skipped = dedupe([rec(1, 1), rec(1, 1), rec(2, 1)], committed={f"{2:016d}"})
+    assert [r.track_id for r in keep] == [f"{1:016d}"] and skipped == 2
+    assert batches(list(range(10)), 3, 100) == [[0, 1, 2, 3], [4, 5, 6, 7], [8, 9]]
+
+
+def test_track_cap_never_overflows():
+    # one huge track first pushes everything after it towards the last shards
+    records = [rec(0, 10_000.0)] + [rec(i, 1.0) for i in range(1, 60)]
+    shards = plan_shards(records, "fs-x", shard_minutes=1000, workers=1, max_tracks=20)
+    assert sum(len(s.tracks) for s in shards) == 60
+    assert max(len(s.tracks) for s in shards) <= 20
