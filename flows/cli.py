@@ -61,7 +61,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     from flows.demo import run_demo
 
     return run_demo(args.dir, n_tracks=args.tracks, workers=args.workers,
-                    progress=not args.no_progress)
+                    progress=not args.no_progress, train=not args.no_train)
 
 
 def cmd_train(args: argparse.Namespace) -> int:
@@ -169,6 +169,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("demo", help="generate a demo catalogue, ingest it, query it")
     p.add_argument("--dir", default="demo", help="folder for the catalogue and the store")
     p.add_argument("--tracks", type=int, default=120)
+    p.add_argument("--no-train", action="store_true", help="stop after ingest and queries")
     p.add_argument("--workers", type=int)
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=cmd_demo)

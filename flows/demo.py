@@ -17,6 +17,8 @@ from concurrent.futures import ProcessPoolExecutor
 import numpy as np
 
 DEMO_FORMATS = ("flac", "ogg", "mp3", "wav")
+DEMO_MODEL = "mtag-demo-instrument"
+DEMO_EPOCHS = 8
 DEMO_RATES = (44100, 48000, 32000, 22050)
 
 
@@ -73,7 +75,7 @@ def make_catalogue(root: str, n_tracks: int, *, seed: int = 7, workers: int = 2)
 
 
 def run_demo(directory: str, *, n_tracks: int = 120, workers: int | None = None,
-             progress: bool = True) -> int:
+             progress: bool = True, train: bool = True) -> int:
     """Generate, ingest and query the demo catalogue under ``directory``."""
     from featurestore.query import connect, format_result, run_query
     from featurestore.store import FeatureStore
@@ -104,4 +106,27 @@ def run_demo(directory: str, *, n_tracks: int = 120, workers: int | None = None,
     for title, sql in queries:
         print(f"\n-- {title}\n$ mtag query --store {store} \"{sql}\"")
         sys.stdout.write(format_result(run_query(con, sql), "table"))
+    con.close()
+    if train:
+        _train(store, labels)
     return 0
+
+
+def _train(store: str, labels: str) -> None:
+    from flows.train import train_model
+    from training.evaluate import render_report
+
+    print(f"\n$ mtag train --store {store} --labels {labels} --model auto "
+          f"--registered-name {DEMO_MODEL} --epochs {DEMO_EPOCHS}")
+    result = train_model(store=store, labels=labels, model="auto",
+                         registered_name=DEMO_MODEL, train_config={"epochs": DEMO_EPOCHS})
+    for cand in result["candidates"]:
+        print(f"  {cand['model']:20s} valid macro-F1 {cand['valid_macro_f1']:.3f}   "
+              f"test accuracy {cand['test']['accuracy']:.3f}   {cand['train_seconds']:.0f} s")
+    promo = result["promotion"]
+    print(f"best: {result['best']['model']} -> {DEMO_MODEL} v{promo['version']} "
+          f"({'now @champion' if promo['promoted'] else 'champion unchanged'}: "
+          f"{promo['reason']})")
+    print(render_report(result["best"]["test"], "test tracks"))
+    print(f"MLflow UI: mlflow ui --backend-store-uri sqlite:///{os.path.abspath(store)}"
+          "/mlflow/mlflow.db")

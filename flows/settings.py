@@ -25,6 +25,7 @@ QUIET_DEFAULTS = {
     # the command line shows a progress bar and a summary; -v brings the logs back
     "PREFECT_LOGGING_LEVEL": "WARNING",
     "DASK_LOGGING__DISTRIBUTED": "warning",
+    "MLFLOW_LOGGING_LEVEL": "ERROR",
 }
 
 
