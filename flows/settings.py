@@ -15,10 +15,8 @@ EMBEDDED_DEFAULTS = {
     "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
     "DO_NOT_TRACK": "true",
     "MLFLOW_DISABLE_TELEMETRY": "true",
-    # Dask worker processes need no extra threads beyond their task slot
-    "OMP_NUM_THREADS": "1",
-    "MKL_NUM_THREADS": "1",
-    "OPENBLAS_NUM_THREADS": "1",
+    # (Dask's nanny already gives worker processes OMP/MKL/OPENBLAS_NUM_THREADS=1; the flow
+    # process keeps every core for training)
 }
 
 QUIET_DEFAULTS = {
