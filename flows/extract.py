@@ -110,7 +110,7 @@ def run_shard(store_url: str, config_json: str, plan: ShardPlan) -> ShardResult:
 
 def _process_track(record: ProbeRecord, config: FeatureConfig, extractor: SpectralExtractor,
                    writer: ShardWriter) -> tuple[str, str] | None:
-    """Write one track (or its failure row); return ``(stage, error)`` on failure."""
+    """Write one track (or its failure row); return ``(stage, error)`` if it failed."""
     row: dict[str, Any] = {
         "track_id": record.track_id, "path": record.uri, "status": record.status,
         "stage": record.stage, "error": record.error, "format": record.format,
@@ -120,7 +120,9 @@ def _process_track(record: ProbeRecord, config: FeatureConfig, extractor: Spectr
     }
     if record.status != "ok":
         writer.fail_track(row)
-        return (record.stage or "probe", record.error or record.status)
+        # an unsupported file is recorded, not an error
+        return None if record.status == "unsupported" else (record.stage or "probe",
+                                                              record.error or record.status)
     started = time.perf_counter()
     stage = "decode"
     try:

@@ -165,20 +165,19 @@ def _extract(fstore: FeatureStore, cfg: FeatureConfig, shards: list[ShardPlan],
     total_min = sum(s.audio_s for s in shards) / 60.0
     with Progress("extract", total=total_min, unit="audio min", enabled=progress) as bar:
         for future in as_completed(futures):
-            state = future.wait() or future.state
+            future.wait()
             if not future.state.is_completed():
                 summary.shards_failed += 1
                 logger.error("shard failed after retries: %s", future.state.message)
                 continue
             result: ShardResult = future.result()
             plan = by_id[result.shard_id]
-            manifest = ShardManifest(
+            fstore.commit(result.staged_dir, ShardManifest(
                 shard_id=result.shard_id, feature_set=summary.feature_set,
                 n_tracks=result.n_tracks, n_ok=result.n_ok, n_failed=result.n_failed,
                 n_segments=result.n_segments, audio_s=result.audio_s,
                 track_ids=result.track_ids,
-            )
-            fstore.commit(result.staged_dir, manifest)
+            ))
             unsupported = sum(t.status == "unsupported" for t in plan.tracks)
             summary.ok += result.n_ok
             summary.unsupported += unsupported
@@ -187,11 +186,10 @@ def _extract(fstore: FeatureStore, cfg: FeatureConfig, shards: list[ShardPlan],
             summary.audio_s += result.audio_s
             summary.compute_s += result.compute_s
             summary.shards += 1
-            summary.errors.extend(e for e in result.errors if e[2] and "unsupported" not in e[2])
+            summary.errors.extend(result.errors)
             summary.peak_rss_mb[result.worker] = max(
                 summary.peak_rss_mb.get(result.worker, 0.0), result.peak_rss_mb)
             bar.advance(plan.audio_s / 60.0)
-            del state
 
 
 def run_ingest(source: str, store: str, *, config: FeatureConfig | None = None,
