@@ -61,13 +61,12 @@ def discover(source: str) -> list[SourceFile]:
     fs, root = fsspec.core.url_to_fs(source)
     if not fs.exists(root):
         raise ParameterError(f"source not found: {source}")
-    protocol = source.split("://", 1)[0]
     found = fs.find(root, detail=True)
     files = []
     for path, info in found.items():
         if info.get("type") == "directory" or os.path.basename(path).startswith("."):
             continue
-        files.append(SourceFile(f"{protocol}://{path}", int(info.get("size") or 0),
+        files.append(SourceFile(fs.unstrip_protocol(path), int(info.get("size") or 0),
                                 _mtime(info)))
     return sorted(files, key=lambda f: f.uri)
 

@@ -1,8 +1,9 @@
-"""A small progress bar on stderr (rich), off when asked or when stderr is not a terminal."""
+"""Progress on stderr: a rich bar on a terminal, a line per 10 % otherwise (logs, CI)."""
 
 from __future__ import annotations
 
 import sys
+import time
 from typing import Any
 
 from rich.console import Console
@@ -17,7 +18,7 @@ from rich.progress import Progress as _RichProgress
 
 
 class Progress:
-    """Context manager with :meth:`advance`; prints a final line when stderr is no terminal."""
+    """Context manager with :meth:`advance`."""
 
     def __init__(self, label: str, *, total: float, unit: str, enabled: bool = True) -> None:
         self.label, self.total, self.unit = label, total, unit
@@ -26,6 +27,8 @@ class Progress:
         self._live = enabled and console.is_terminal
         self._echo = enabled and not self._live
         self._bar: _RichProgress | None = None
+        self._printed = 0
+        self._start = time.monotonic()
         if self._live:
             self._bar = _RichProgress(
                 TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
@@ -43,9 +46,14 @@ class Progress:
         self.done += amount
         if self._bar is not None:
             self._bar.update(self._task, advance=amount)
+        elif self._echo and self.total > 0:
+            step = int(10 * self.done / self.total)
+            if step > self._printed:
+                self._printed = step
+                elapsed = time.monotonic() - self._start
+                print(f"{self.label}: {self.done:.1f}/{self.total:.1f} {self.unit} "
+                      f"({10 * step}%, {elapsed:.0f} s)", file=sys.stderr, flush=True)
 
     def __exit__(self, *exc: Any) -> None:
         if self._bar is not None:
             self._bar.stop()
-        elif self._echo:
-            print(f"{self.label}: {self.done:.1f}/{self.total:.1f} {self.unit}", file=sys.stderr)
