@@ -121,6 +121,12 @@ class SpectralExtractor:
         dct = scipy.fft.dct(np.eye(c.n_mels), type=2, norm="ortho", axis=0)[: c.n_mfcc]
         self.dct_t = np.ascontiguousarray(dct.T.astype(np.float32))
         self.bands = _contrast_bands(self.freqs, c)
+        self._silence = self.frames(np.zeros(c.n_fft, dtype=np.float32), 1)
+
+    def silence(self, n_frames: int) -> FrameFeatures:
+        """Features of ``n_frames`` frames of digital silence (all-zero windows)."""
+        return FrameFeatures(*(np.repeat(getattr(self._silence, f), n_frames, axis=0)
+                               for f in _FRAME_FIELDS))
 
     # ------------------------------------------------------------------------------------
     def frames(self, buf: np.ndarray, n_frames: int, *, zcr_buf: np.ndarray | None = None

@@ -137,12 +137,21 @@ class SegmentStream:
         c = self.config
         spans = plan_segments(valid_frames(self.n_samples, c.hop_length), c)
         last_frame = max(s.start_frame for s in spans) + c.segment_frames
-        need = (last_frame - 1) * c.hop_length + c.n_fft
+        # frames whose whole window lies in the trailing zero padding are all alike: computed
+        # once (SpectralExtractor.silence), not per frame
+        all_zero_from = -(-(self._pad + self.n_samples) // c.hop_length)
+        stop = min(last_frame, max(all_zero_from, self._next_frame))
+        need = (stop - 1) * c.hop_length + c.n_fft
         end = self._buf_start + self._buf.size
         if need > end:
             self._buf = np.concatenate([self._buf, np.zeros(need - end, dtype=np.float32)])
-        if last_frame > self._next_frame:
-            self._compute(last_frame, right_edge=True)
+        if stop > self._next_frame:
+            self._compute(stop, right_edge=True)
+        if last_frame > stop:
+            assert self._frames is not None
+            silence = self.extractor.silence(last_frame - stop)
+            self._frames = FrameFeatures.concat([self._frames, silence])
+            self._next_frame = last_frame
         return [self._cut(s) for s in spans if s.index >= self._next_segment]
 
     # ------------------------------------------------------------------------------------

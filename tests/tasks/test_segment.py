@@ -79,3 +79,23 @@ def test_extract_track_batches_and_stats():
     assert batches[0].logmel.shape[1:] == (C.n_mels, F)
     assert np.isfinite(result.stats).all()
     assert list(result.valid_frames[:3]) == [F, F, F] and result.valid_frames[3] < F
+
+
+@pytest.mark.parametrize("seconds", [0.3, 2.0, 4.1])
+def test_padding_frames_equal_full_computation(seconds):
+    """Frames over pure zero padding are filled from one silent frame: same values."""
+    y = music_like(seconds, 22050, seed=8)
+    ex = SpectralExtractor(C)
+    stream = SegmentStream(C, ex)
+    segs = stream.push(y) + stream.finish()
+    last = segs[-1].span.start_frame + F
+    pad = C.n_fft // 2
+    buf = np.pad(y, (pad, (last - 1) * C.hop_length + C.n_fft - pad - y.size))
+    zbuf = np.pad(y, (pad, buf.size - pad - y.size), mode="edge")
+    full = ex.frames(buf, last, zcr_buf=zbuf)
+    for seg in segs:
+        lo = seg.span.start_frame
+        np.testing.assert_allclose(seg.frames.logmel, full.logmel[lo:lo + F], atol=1e-4)
+        np.testing.assert_allclose(seg.frames.scalars, full.scalars[lo:lo + F], atol=1e-4)
+        np.testing.assert_allclose(seg.frames.contrast_valley, full.contrast_valley[lo:lo + F],
+                                   atol=1e-6)
