@@ -20,9 +20,9 @@ import soundfile as sf
 import soxr
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "tests"))
-from tasks.config import FeatureConfig  # noqa: E402
-from tasks.features import SCALAR_FEATURES, SpectralExtractor, contrast_db, max_db  # noqa: E402
-from tasks.segment import SegmentStream  # noqa: E402
+from tasks.config import FeatureConfig
+from tasks.features import SCALAR_FEATURES, SpectralExtractor, contrast_db, max_db
+from tasks.segment import SegmentStream
 
 
 def ours(y: np.ndarray, c: FeatureConfig, ex: SpectralExtractor):

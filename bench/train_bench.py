@@ -21,7 +21,7 @@ import tempfile
 import time
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
-from flows.settings import apply_defaults  # noqa: E402
+from flows.settings import apply_defaults
 
 apply_defaults(quiet=True)
 

@@ -11,6 +11,16 @@ from typing import Any
 
 log = logging.getLogger("mtag")
 
+WORKER_ENV = {
+    # Dask's nanny sets MALLOC_TRIM_THRESHOLD_=65536, which also freezes glibc's mmap
+    # threshold at 128 KiB: every multi-MB STFT temporary is then mmap'ed, zero-faulted and
+    # unmapped again, chunk after chunk (measured: 1.7-2x slower feature extraction). Large
+    # thresholds let the allocator reuse those blocks; memory stays bounded by one chunk.
+    "MALLOC_TRIM_THRESHOLD_": str(256 << 20),
+    "MALLOC_MMAP_THRESHOLD_": str(64 << 20),
+}
+"""Environment for worker processes; give workers of an external cluster the same."""
+
 
 @dataclass(frozen=True)
 class ClusterInfo:
@@ -67,7 +77,10 @@ def dask_cluster(address: str | None = None, *, n_workers: int | None = None,
                       f"dashboard {info.dashboard}")
             yield info
         return
-    with LocalCluster(
+    import dask
+
+    environ = {f"distributed.nanny.pre-spawn-environ.{k}": v for k, v in WORKER_ENV.items()}
+    with dask.config.set(environ), LocalCluster(
         n_workers=n_workers or default_workers(), threads_per_worker=1, processes=True,
         host="127.0.0.1", dashboard_address="127.0.0.1:0", memory_limit=memory_limit,
     ) as cluster, Client(cluster) as client:
