@@ -62,7 +62,7 @@ class ShardWriter:
         self._segment_schema = segments_schema(config)
         self._stat_names = summary_columns(config)
         self._tracks: list[dict[str, Any]] = []
-        self._segments: list[pa.RecordBatch] = []
+        self._segments: list[tuple[str, TrackResult]] = []
         self._out_rows: list[pa.RecordBatch] = []
         self._out_count = 0
         self._pending: list[pa.RecordBatch] = []
@@ -127,14 +127,7 @@ class ShardWriter:
         for rb in self._pending:
             self._emit(rb)
         n = len(result.segment_index)
-        columns = [
-            pa.array([track_id] * n, pa.string()),
-            pa.array(result.segment_index, pa.int32()),
-            pa.array(result.start_s, pa.float64()),
-            pa.array(result.valid_frames * self.config.frame_seconds, pa.float64()),
-            pa.array(result.valid_frames, pa.int32()),
-        ] + [pa.array(result.stats[:, i], pa.float32()) for i in range(result.stats.shape[1])]
-        self._segments.append(pa.RecordBatch.from_arrays(columns, schema=self._segment_schema))
+        self._segments.append((track_id, result))  # columns are built once, in _finish
         self._n_segments += n
         self._audio_s += result.duration_s
         self._tracks.append(row | {"n_segments": n})
@@ -164,6 +157,11 @@ class ShardWriter:
             self._writer.write_table(table.combine_chunks(), max_chunksize=ROWS_PER_BATCH * 4)
             self._out_rows, self._out_count = [], 0
 
+    def _segments_table(self) -> pa.Table:
+        columns = _segments_columns(self._segments, self.config.frame_seconds,
+                                    len(self._stat_names))
+        return pa.Table.from_arrays(columns, schema=self._segment_schema)
+
     def _close_spill(self) -> None:
         if self._spill is not None:
             self._spill.close()
@@ -180,7 +178,7 @@ class ShardWriter:
                   "processed_at": r.get("processed_at", now)} for r in self._tracks],
             schema=with_metadata(TRACKS_SCHEMA, self.config),
         )
-        segments = pa.Table.from_batches(self._segments, schema=self._segment_schema)
+        segments = self._segments_table()
         for name, table in (("tracks", tracks), ("segments", segments)):
             with self.store.fs.open(f"{self.directory}/{name}.parquet", "wb") as fh:
                 pq.write_table(table, fh, compression="zstd", row_group_size=65536)
@@ -192,6 +190,24 @@ class ShardWriter:
             audio_s=self._audio_s,
             track_ids=[r["track_id"] for r in self._tracks],
         )
+
+
+def _segments_columns(parts: list[tuple[str, TrackResult]], frame_seconds: float,
+                      n_stats: int) -> list[pa.Array]:
+    """The ``segments`` columns of many tracks, one Arrow array per column."""
+    if not parts:
+        return [pa.array([], t) for t in (pa.string(), pa.int32(), pa.float64(), pa.float64(),
+                                          pa.int32())] + [pa.array([], pa.float32())] * n_stats
+    ids = np.concatenate([np.full(len(r.segment_index), t, dtype=object) for t, r in parts])
+    valid = np.concatenate([r.valid_frames for _, r in parts])
+    stats = np.concatenate([r.stats for _, r in parts])
+    return [
+        pa.array(ids, pa.string()),
+        pa.array(np.concatenate([r.segment_index for _, r in parts]), pa.int32()),
+        pa.array(np.concatenate([r.start_s for _, r in parts]), pa.float64()),
+        pa.array(valid * frame_seconds, pa.float64()),
+        pa.array(valid, pa.int32()),
+    ] + [pa.array(np.ascontiguousarray(stats[:, i]), pa.float32()) for i in range(n_stats)]
 
 
 def _fixed_list(x: np.ndarray) -> pa.FixedSizeListArray:
