@@ -215,8 +215,11 @@ def run_ingest(source: str, store: str, *, config: FeatureConfig | None = None,
         Show progress bars on stderr.
     """
     cfg = config or FeatureConfig()
-    with prefect_api(), dask_cluster(dask_address, n_workers=n_workers) as cluster:
+    # workers spawn and import while the temporary Prefect API boots
+    with prefect_api(start=False) as api, dask_cluster(dask_address,
+                                                       n_workers=n_workers) as cluster:
         cluster.warm(warm_worker, cfg.to_json())
+        api.start()
         runner = DaskTaskRunner(address=cluster.address)
         result = ingest_flow.with_options(task_runner=runner)(
             source=source, store=store, config=cfg.to_dict(), shard_minutes=shard_minutes,

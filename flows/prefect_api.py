@@ -2,10 +2,10 @@
 
 With no ``PREFECT_API_URL`` configured, Prefect starts a temporary local API in every process
 that runs a flow or task, so each Dask worker process would start (and later stop) its own
-server on the same SQLite file. :func:`prefect_api` starts one temporary API in the flow
-process, the first time it is needed, and exports its URL so workers spawned afterwards report
-to it. The server lives until the process exits, so later flows in the same process (the demo
-ingests, then trains) reuse it instead of reconnecting to a stopped one.
+server on the same SQLite file. :func:`prefect_api` reserves one temporary API for the flow
+process and exports its URL, so workers spawned afterwards report to it. The server is started
+by :meth:`PrefectApi.start` (so a caller can spawn and warm its workers while it boots) and
+lives until the process exits, so later flows in the same process reuse it.
 """
 
 from __future__ import annotations
@@ -17,30 +17,48 @@ from collections.abc import Iterator
 from typing import Any
 
 _server: Any = None
+_started = False
 
 
-def _start(timeout: int) -> str:
-    global _server
-    if _server is None:
-        from prefect.server.api.server import SubprocessASGIServer
+class PrefectApi:
+    """The API runs report to: a configured server, or the process's temporary one."""
 
-        _server = SubprocessASGIServer()
-        _server.start(timeout=timeout)
-        atexit.register(_server.stop)
-    return str(_server.api_url)
+    def __init__(self, url: str, server: Any, timeout: int) -> None:
+        self.url, self._server, self._timeout = url, server, timeout
+
+    def start(self) -> str:
+        """Make sure the API answers (starts the temporary server once); return its URL."""
+        global _started
+        if self._server is not None and not _started:
+            self._server.start(timeout=self._timeout)
+            atexit.register(self._server.stop)
+            _started = True
+        return self.url
 
 
 @contextlib.contextmanager
-def prefect_api(timeout: int = 120) -> Iterator[str]:
-    """Yield the API URL runs report to, starting a temporary local API if none is set."""
+def prefect_api(timeout: int = 120, *, start: bool = True) -> Iterator[PrefectApi]:
+    """Yield the API for this process's runs, reserving a temporary local one if none is set.
+
+    With ``start=False`` the temporary server's port is reserved and exported but the server
+    is started only by :meth:`PrefectApi.start`.
+    """
+    global _server
     from prefect.settings import PREFECT_API_URL, get_current_settings, temporary_settings
 
     configured = get_current_settings().api.url
     if configured:
         os.environ.setdefault("PREFECT_API_URL", str(configured))
-        yield str(configured)
+        yield PrefectApi(str(configured), None, timeout)
         return
-    url = _start(timeout)
-    os.environ["PREFECT_API_URL"] = url
-    with temporary_settings({PREFECT_API_URL: url}):
-        yield url
+    if _server is None:
+        from prefect.server.api.server import SubprocessASGIServer
+
+        probe = SubprocessASGIServer()  # the default instance only finds a free port here
+        _server = SubprocessASGIServer(port=probe.find_available_port())
+    api = PrefectApi(str(_server.api_url), _server, timeout)
+    os.environ["PREFECT_API_URL"] = api.url
+    with temporary_settings({PREFECT_API_URL: api.url}):
+        if start:
+            api.start()
+        yield api
