@@ -1,8 +1,11 @@
 """SQL over the store: DuckDB views named after the tables, and result formatting.
 
 Views: ``tracks``, ``segments`` (summary columns; one feature set, by default the newest with
-commits) and ``sources`` (the latest record of every source URI). Views read committed shard
-files only (from the manifests), so a query never sees work in progress.
+commits) and ``sources`` (the latest record of every source URI); ``scores``,
+``segment_scores`` and ``neighbours`` of one scored model version (by default the most recently
+scored), ``score_classes`` (the class behind each position of ``probabilities``) and
+``score_models`` (every scored model version). Views read committed files only (from the
+manifests), so a query never sees work in progress.
 """
 
 from __future__ import annotations
@@ -15,13 +18,21 @@ import pandas as pd
 import pyarrow as pa
 
 from featurestore.schema import SOURCES_SCHEMA, TRACKS_SCHEMA, segments_schema
+from featurestore.scores import (
+    NEIGHBOURS_SCHEMA,
+    ScoredModel,
+    ScoreStore,
+    scores_schema,
+    segment_scores_schema,
+)
 from featurestore.store import FeatureStore
 from tasks.errors import ParameterError, StoreError
 
 OUTPUT_FORMATS = ("table", "csv", "json")
 
 
-def connect(store: FeatureStore, feature_set: str | None = None) -> duckdb.DuckDBPyConnection:
+def connect(store: FeatureStore, feature_set: str | None = None, model: str | None = None
+            ) -> duckdb.DuckDBPyConnection:
     """Open an in-memory DuckDB connection with the store's views.
 
     Parameters
@@ -29,6 +40,10 @@ def connect(store: FeatureStore, feature_set: str | None = None) -> duckdb.DuckD
     store : FeatureStore
     feature_set : str, optional
         Feature set for ``tracks`` and ``segments``; defaults to the newest with commits.
+    model : str, optional
+        Scored model version for ``scores``, ``segment_scores`` and ``neighbours``:
+        ``NAME/VERSION`` or ``NAME`` (its most recently scored version); defaults to the most
+        recently scored version of any model.
 
     Returns
     -------
@@ -51,7 +66,52 @@ def connect(store: FeatureStore, feature_set: str | None = None) -> duckdb.DuckD
         "CREATE VIEW sources AS SELECT * EXCLUDE (rn) FROM (SELECT *, row_number() OVER "
         "(PARTITION BY uri ORDER BY seen_at DESC) AS rn FROM sources_log) WHERE rn = 1"
     )
+    _score_views(con, store, model)
     return con
+
+
+def _score_views(con: duckdb.DuckDBPyConnection, store: FeatureStore, model: str | None) -> None:
+    scores = ScoreStore(store)
+    known = scores.models()
+    try:
+        chosen = scores.pick(model) if known or model else None
+    except StoreError as exc:
+        raise ParameterError(str(exc)) from exc
+    if chosen is None:
+        placeholder = ScoredModel("", "", "", "", ["?"], False, 0.0, 1, "", "")
+        _parquet_view(con, "scores", store, [], scores_schema(placeholder))
+        _parquet_view(con, "segment_scores", store, [], segment_scores_schema(placeholder))
+        _parquet_view(con, "neighbours", store, [], NEIGHBOURS_SCHEMA)
+    else:
+        name, version = chosen.name, chosen.version
+        _parquet_view(con, "scores", store, scores.files(name, version, "scores"),
+                      scores_schema(chosen))
+        _parquet_view(con, "segment_scores", store,
+                      scores.files(name, version, "segment_scores"),
+                      segment_scores_schema(chosen))
+        _parquet_view(con, "neighbours", store, scores.neighbours_files(name, version),
+                      NEIGHBOURS_SCHEMA)
+    classes = pa.table({
+        "model_name": [r["name"] for r in known for _ in r["classes"]],
+        "model_version": [r["version"] for r in known for _ in r["classes"]],
+        "position": pa.array([i + 1 for r in known for i in range(len(r["classes"]))],
+                             pa.int32()),
+        "class": [c for r in known for c in r["classes"]],
+    })
+    con.register("_score_classes", classes)
+    con.execute("CREATE VIEW score_classes AS SELECT * FROM _score_classes")
+    models = pa.table({
+        "model_name": [r["name"] for r in known],
+        "model_version": [r["version"] for r in known],
+        "architecture": [r.get("architecture") for r in known],
+        "feature_set": [r["feature_set"] for r in known],
+        "tracks": pa.array([r["n_tracks"] for r in known], pa.int64()),
+        "last_scored_at": [r["last_committed_at"] for r in known],
+        "in_views": [chosen is not None and (r["name"], r["version"]) ==
+                     (chosen.name, chosen.version) for r in known],
+    })
+    con.register("_score_models", models)
+    con.execute("CREATE VIEW score_models AS SELECT * FROM _score_models")
 
 
 def _parquet_view(con: duckdb.DuckDBPyConnection, name: str, store: FeatureStore,

@@ -7,6 +7,7 @@ the dataset into RAM. Remote stores are read through fsspec into memory shard by
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import numpy as np
@@ -94,6 +95,33 @@ def read_table(store: FeatureStore, feature_set: str, table: str,
     if not parts:
         raise SchemaError(f"feature set {feature_set} has no committed {table}")
     return pa.concat_tables(parts)
+
+
+def shard_matrices(store: FeatureStore, feature_set: str, shard_id: str, name: str
+                   ) -> Iterator[tuple[np.ndarray, np.ndarray, np.ndarray]]:
+    """One committed shard's dense ``name`` matrices (``"logmel"`` or ``"mfcc"``), a record
+    batch at a time (zero-copy views of the memory-mapped file on a local store).
+
+    Yields
+    ------
+    track_id : np.ndarray [shape=(n,), dtype=object]
+    segment : np.ndarray [shape=(n,), dtype=int32]
+    matrices : np.ndarray [shape=(n, rows, frames), dtype=float32]
+        Read-only.
+    """
+    table = _read_ipc(store, store.shard_file(feature_set, shard_id, "tensors"))
+    meta = read_metadata(table.schema)
+    if meta["feature_set"] != feature_set:
+        raise SchemaError(f"shard {shard_id}: feature set {meta['feature_set']}, "
+                          f"expected {feature_set}")
+    rows, frames = (int(v) for v in meta["shapes"][name])
+    for batch in table.to_batches():
+        if batch.num_rows == 0:
+            continue
+        column = batch.column(name)
+        flat = column.flatten().to_numpy(zero_copy_only=True)  # honours a slice's offset
+        yield (batch.column("track_id").to_numpy(zero_copy_only=False),
+               batch.column("segment").to_numpy(), flat.reshape(len(column), rows, frames))
 
 
 def _read_ipc(store: FeatureStore, path: str) -> pa.Table:

@@ -155,9 +155,9 @@ class FeatureStore:
         raise StoreError(f"store {self.url} has no committed features yet")
 
     # --- commits --------------------------------------------------------------------------
-    def staging_dir(self, feature_set: str, shard_id: str) -> str:
-        """A fresh staging folder for one attempt at a shard."""
-        path = self.path("_staging", feature_set, f"{shard_id}-{uuid.uuid4().hex[:8]}")
+    def staging_dir(self, *parts: str) -> str:
+        """A fresh staging folder for one attempt at a shard (``parts`` name its area)."""
+        path = self.path("_staging", *parts[:-1], f"{parts[-1]}-{uuid.uuid4().hex[:8]}")
         self.fs.makedirs(path, exist_ok=True)
         return path
 
@@ -179,20 +179,33 @@ class FeatureStore:
             ``False`` if the shard was already committed (the staged copy is discarded).
         """
         fs_id, shard = manifest.feature_set, manifest.shard_id
-        record = self.path("features", fs_id, "_manifests", f"{shard}.json")
-        final = self.path("features", fs_id, "shards", shard)
+        return self.publish(staged_dir, self.path("features", fs_id, "shards", shard),
+                            self.path("features", fs_id, "_manifests", f"{shard}.json"),
+                            manifest.to_dict())
+
+    def publish(self, staged_dir: str, final: str, record: str, data: dict[str, Any]) -> bool:
+        """Move a staged folder to ``final``, then write the commit record ``record``.
+
+        The record is written last, so readers that go by records never see a partial folder;
+        a crash between the two leaves an orphan that :meth:`recover` (or the next publish)
+        removes.
+
+        Returns
+        -------
+        bool
+            ``False`` if ``record`` already existed (the staged copy is discarded).
+        """
         if self.fs.exists(record):
             self.fs.rm(staged_dir, recursive=True)
             return False
-        if self.fs.exists(final):  # left by a crash between move and manifest
+        if self.fs.exists(final):  # left by a crash between move and record
             self.fs.rm(final, recursive=True)
-        self.fs.makedirs(self.path("features", fs_id, "shards"), exist_ok=True)
+        self.fs.makedirs(final.rsplit("/", 1)[0], exist_ok=True)
         if self.is_local:
             os.rename(staged_dir, final)
         else:
             self.fs.mv(staged_dir, final, recursive=True)
-        data = manifest.to_dict() | {"committed_at": _now()}
-        self._write_json(record, data)
+        self._write_json(record, data | {"committed_at": _now()})
         return True
 
     def recover(self) -> int:
@@ -264,8 +277,11 @@ class FeatureStore:
         me = {"host": socket.gethostname(), "pid": os.getpid(), "since": _now()}
         if self.fs.exists(target):
             holder = self._read_json(target)
-            if holder.get("host") == me["host"] and _alive(int(holder.get("pid", -1))) \
-                    and holder.get("pid") != me["pid"]:
+            mine = holder.get("host") == me["host"] and holder.get("pid") == me["pid"]
+            if mine:  # re-entrant: a flow of this process already holds it (e.g. score ->
+                yield  # ingest); the outermost holder releases it
+                return
+            if holder.get("host") == me["host"] and _alive(int(holder.get("pid", -1))):
                 raise StoreError(
                     f"store {self.url} is being written by pid {holder['pid']} since "
                     f"{holder.get('since')}; wait for it or stop it"

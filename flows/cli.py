@@ -1,4 +1,5 @@
-"""The ``mtag`` command line: ``ingest``, ``query``, ``demo``.
+"""The ``mtag`` command line: ``ingest``, ``query``, ``train``, ``evaluate``, ``score``,
+``similar``, ``neighbours``, ``demo``.
 
 Arguments are parsed here and turned into config objects; the work is done by the flows.
 """
@@ -47,13 +48,65 @@ def cmd_query(args: argparse.Namespace) -> int:
     from featurestore.store import FeatureStore
 
     store = FeatureStore(args.store)
-    con = connect(store, args.feature_set)
+    con = connect(store, args.feature_set, args.model)
     table = run_query(con, args.sql)
     if args.output:
         write_result(table, args.output)
         print(f"wrote {table.num_rows} rows to {args.output}", file=sys.stderr)
     else:
         sys.stdout.write(format_result(table, args.format, max_rows=args.max_rows))
+    return 0
+
+
+def cmd_score(args: argparse.Namespace) -> int:
+    from flows.score import run_score, summary_json
+
+    summary = run_score(
+        args.store, args.model_uri, source=args.source, top_k=args.top_k,
+        dask_address=args.dask_address, n_workers=args.workers, device=args.device,
+        tracking_uri=args.tracking_uri, progress=not args.no_progress)
+    if summary.ingest is not None:
+        from flows.ingest import IngestSummary
+
+        data = dict(summary.ingest)
+        data.pop("skipped", None)
+        data.pop("realtime_x", None)
+        print(IngestSummary(**data).render())
+    print(summary.render())
+    if args.json:
+        print(summary_json(summary))
+    return 1 if summary.parts_failed else 0
+
+
+def cmd_similar(args: argparse.Namespace) -> int:
+    from featurestore.query import format_result
+    from flows.similar import similar
+
+    found, info = similar(args.store, args.track, k=args.k, model=args.model)
+    if args.format == "table":
+        print(f"tracks most like {info['track_id']} ({info['label']}; {info['path']}) by "
+              f"{info['model']}, {info['method']} search over {info['tracks']} tracks:")
+    import pyarrow as pa
+
+    sys.stdout.write(format_result(pa.Table.from_pandas(found, preserve_index=False),
+                                   args.format, max_rows=args.k))
+    return 0
+
+
+def cmd_neighbours(args: argparse.Namespace) -> int:
+    from flows.similar import run_neighbours
+
+    out = run_neighbours(args.store, k=args.k, model=args.model, method=args.method,
+                         dask_address=args.dask_address, n_workers=args.workers,
+                         progress=not args.no_progress, force=args.force)
+    who = f"{out['model_name']} v{out['model_version']}"
+    if out["skipped"]:
+        print(f"Nothing to do: the neighbours table of {who} (k={out['k']}, "
+              f"{out['method']}) is current for its {out['tracks']} tracks.")
+    else:
+        print(f"Wrote neighbours of {who}: {out['tracks']} tracks x {out['k']} "
+              f"({out['method']} search) in {out['wall_s']:.1f} s. "
+              "Query them: mtag query --store STORE \"SELECT * FROM neighbours\"")
     return 0
 
 
@@ -108,7 +161,8 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="mtag", description="Music catalogue pipeline: ingest, query, demo.")
+        prog="mtag", description="Music catalogue pipeline: ingest, query, train, evaluate, "
+        "score, similar, neighbours, demo.")
     parser.add_argument("-v", "--verbose", action="store_true", help="show Prefect's logs")
     sub = parser.add_subparsers(dest="command", required=True)
 
@@ -131,6 +185,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("sql")
     p.add_argument("--store", required=True)
     p.add_argument("--feature-set", help="feature set of the views (default: newest)")
+    p.add_argument("--model", help="scored model of the score views: NAME or NAME/VERSION "
+                   "(default: the most recently scored)")
     p.add_argument("--format", choices=("table", "csv", "json"), default="table")
     p.add_argument("--output", help="write to FILE (.csv, .json or .parquet)")
     p.add_argument("--max-rows", type=int, default=100, help="rows shown as a table")
@@ -165,6 +221,41 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model-uri", required=True, help="models:/NAME@ALIAS or models:/NAME/V")
     p.add_argument("--format", choices=("table", "json"), default="table")
     p.set_defaults(func=cmd_evaluate)
+
+    p = sub.add_parser("score", help="tag a catalogue: labels, probabilities, embeddings")
+    p.add_argument("source", nargs="?", help="audio to ingest first (folder, URL prefix or "
+                   "manifest); only what the store lacks is processed")
+    p.add_argument("--store", required=True)
+    p.add_argument("--model-uri", required=True, help="models:/NAME@ALIAS or models:/NAME/V")
+    p.add_argument("--top-k", type=int, default=5, help="labels kept per track (default 5)")
+    p.add_argument("--tracking-uri", help="MLflow URI, or the folder of the store the model "
+                   "was trained in (default: MLFLOW_TRACKING_URI, else this store's)")
+    p.add_argument("--device", help="torch device of the workers (default: cuda if present)")
+    p.add_argument("--dask-address", help="tcp://HOST:PORT of an existing Dask scheduler")
+    p.add_argument("--workers", type=int, help="local worker processes (default: cores)")
+    p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--json", action="store_true", help="also print the summary as JSON")
+    p.set_defaults(func=cmd_score)
+
+    p = sub.add_parser("similar", help="the tracks that sound most like one track")
+    p.add_argument("track", help="track id, or a path/URI of an ingested file")
+    p.add_argument("--store", required=True)
+    p.add_argument("--k", type=int, default=10)
+    p.add_argument("--model", help="scored model: NAME or NAME/VERSION (default: latest)")
+    p.add_argument("--format", choices=("table", "csv", "json"), default="table")
+    p.set_defaults(func=cmd_similar)
+
+    p = sub.add_parser("neighbours", help="write the k nearest tracks of every track")
+    p.add_argument("--store", required=True)
+    p.add_argument("--k", type=int, default=10)
+    p.add_argument("--model", help="scored model: NAME or NAME/VERSION (default: latest)")
+    p.add_argument("--method", choices=("auto", "exact", "ann"), default="auto",
+                   help="exact search, HNSW index, or auto by catalogue size")
+    p.add_argument("--force", action="store_true", help="recompute even if current")
+    p.add_argument("--dask-address")
+    p.add_argument("--workers", type=int)
+    p.add_argument("--no-progress", action="store_true")
+    p.set_defaults(func=cmd_neighbours)
 
     p = sub.add_parser("demo", help="generate a demo catalogue, ingest it, query it")
     p.add_argument("--dir", default="demo", help="folder for the catalogue and the store")

@@ -53,3 +53,30 @@ class ShardResult:
     worker: str
     track_ids: list[str] = field(default_factory=list)
     errors: list[tuple[str, str, str]] = field(default_factory=list)  # (path, stage, error)
+
+
+@dataclass(frozen=True)
+class ScorePlan:
+    """The feature shards one scoring task turns into one part."""
+
+    part_id: str
+    shards: tuple[str, ...]
+    n_tracks: int
+    n_segments: int
+
+
+@dataclass(frozen=True)
+class ScorePartResult:
+    """What a scoring task reports back."""
+
+    part_id: str
+    staged_dir: str
+    shards: list[str]
+    n_tracks: int
+    n_segments: int
+    compute_s: float
+    label_counts: dict[str, int]
+    n_unconfident: int
+    device: str
+    peak_rss_mb: float
+    worker: str

@@ -45,6 +45,13 @@ class Predictor:
         return str(self.meta["input"])
 
     @property
+    def embed_dim(self) -> int:
+        """Size of the embeddings :meth:`predict` returns."""
+        if self.sklearn_model is not None:
+            return len(self.meta["columns"])
+        return int(self.meta["model_config"]["embed_dim"])
+
+    @property
     def classes(self) -> list[str]:
         """Output order of the probabilities."""
         return list(self.meta["classes"])
@@ -71,7 +78,9 @@ class Predictor:
         arr = np.asarray(x, dtype=np.float32)
         cuda = self.device.type == "cuda"
         for i in range(0, len(arr), batch_size):
-            batch = torch.from_numpy(arr[i:i + batch_size]).to(self.device, non_blocking=cuda)
+            # a copy: rows may be read-only views of memory-mapped shards
+            batch = torch.from_numpy(np.array(arr[i:i + batch_size])).to(
+                self.device, non_blocking=cuda)
             with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=cuda):
                 e = model.embed(batch)
                 logits = model.head(e).float()

@@ -39,6 +39,46 @@ def configure(store: FeatureStore) -> str:
     return uri
 
 
+def use(uri: str) -> None:
+    """Point MLflow (tracking and registry) at ``uri`` in this process (e.g. a Dask worker)."""
+    mlflow.set_tracking_uri(uri)
+    mlflow.set_registry_uri(uri)
+
+
+def resolve(model_uri: str) -> dict[str, str]:
+    """The registered version behind ``models:/NAME@ALIAS`` or ``models:/NAME/VERSION``.
+
+    Returns
+    -------
+    dict
+        ``name``, ``version`` and ``run_id``; scoring uses the exact version, so an alias that
+        moves mid-run cannot mix two models in one output.
+
+    Raises
+    ------
+    StoreError
+        If the URI is not a registry URI or names no registered version.
+    """
+    if not model_uri.startswith("models:/"):
+        raise StoreError(f"expected models:/NAME@ALIAS or models:/NAME/VERSION, got {model_uri!r}")
+    ref = model_uri[len("models:/"):].strip("/")
+    client = MlflowClient()
+    try:
+        if "@" in ref:
+            name, alias = ref.rsplit("@", 1)
+            mv = client.get_model_version_by_alias(name, alias)
+        elif "/" in ref:
+            name, version = ref.rsplit("/", 1)
+            mv = client.get_model_version(name, version)
+        else:
+            raise StoreError(f"{model_uri!r} names no version or alias "
+                             "(models:/NAME@ALIAS or models:/NAME/VERSION)")
+    except MlflowException as exc:
+        raise StoreError(f"no registered model version for {model_uri}: "
+                         f"{exc.message.splitlines()[0]}") from exc
+    return {"name": mv.name, "version": str(mv.version), "run_id": str(mv.run_id or "")}
+
+
 def experiment(store: FeatureStore, name: str) -> str:
     """Id of the experiment for registered model ``name`` (created if missing)."""
     found = mlflow.get_experiment_by_name(name)

@@ -1,8 +1,8 @@
 from __future__ import annotations
 
+from featurestore.sources import SourceFile
 from flows.plan import batches, dedupe, plan_shards, triage
 from flows.records import ProbeRecord
-from featurestore.sources import SourceFile
 
 
 def rec(i, seconds, status="ok"):

@@ -1,0 +1,298 @@
+"""The score flow: resolve the model, ingest what is new, plan parts, score over Dask, commit.
+
+``score_flow`` is a Prefect flow whose tasks run on a ``DaskTaskRunner``; one task run scores a
+part (several whole feature shards), each worker loads the model once. The model is resolved
+to an exact registry version first (an alias can move while a run is in progress), and a model
+trained on another feature set than the store holds is refused. :func:`run_score` picks the
+cluster and runs the flow.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from prefect import flow, get_run_logger, task, unmapped
+from prefect.cache_policies import NO_CACHE
+from prefect.context import FlowRunContext
+from prefect.futures import as_completed
+from prefect_dask import DaskTaskRunner
+
+from featurestore.scores import ScoredModel, ScoreManifest, ScoreStore, part_id_of
+from featurestore.store import FeatureStore, ShardManifest
+from flows.cluster import dask_cluster
+from flows.prefect_api import prefect_api
+from flows.progress import Progress
+from flows.records import ScorePartResult, ScorePlan
+from flows.scoring import load_predictor, score_part, warm_scorer
+from tasks.config import FeatureConfig
+from tasks.errors import StoreError
+
+MAX_SEGMENTS_PER_PART = 50_000
+"""Upper size of one scoring task (about 40 hours of audio at 3 s segments)."""
+
+
+@dataclass
+class ScoreSummary:
+    """What a score run did."""
+
+    model_name: str
+    model_version: str
+    feature_set: str
+    tracks_in_store: int = 0
+    already_scored: int = 0
+    tracks: int = 0
+    segments: int = 0
+    parts: int = 0
+    parts_failed: int = 0
+    unconfident: int = 0
+    wall_s: float = 0.0
+    compute_s: float = 0.0
+    workers: int = 1
+    device: str = ""
+    label_counts: dict[str, int] = field(default_factory=dict)
+    ingest: dict[str, Any] | None = None
+
+    @property
+    def tracks_per_s(self) -> float:
+        """Tracks scored per wall second."""
+        return self.tracks / self.wall_s if self.wall_s > 0 else 0.0
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready dict including derived figures."""
+        return asdict(self) | {"tracks_per_s": self.tracks_per_s}
+
+    def render(self) -> str:
+        """Human-readable end-of-run summary."""
+        who = f"{self.model_name} v{self.model_version}"
+        if self.tracks == 0 and self.parts_failed == 0:
+            return (f"Nothing to do: all {self.already_scored} tracks with features in "
+                    f"{self.feature_set} are already scored by {who}.")
+        top = sorted(self.label_counts.items(), key=lambda kv: (-kv[1], kv[0]))[:8]
+        lines = [
+            f"Scored {self.tracks} tracks ({self.segments} segments) with {who} "
+            f"(feature set {self.feature_set}) in {self.parts} parts; {self.unconfident} "
+            "not confident",
+            f"  wall {self.wall_s:.1f} s = {self.tracks_per_s:.1f} tracks/s "
+            f"({self.tracks_per_s / max(1, self.workers):.1f} per worker, {self.workers} "
+            f"workers, {self.device or 'cpu'}); {self.already_scored} tracks were already "
+            "scored",
+            "  top labels: " + ", ".join(f"{k} {v}" for k, v in top),
+        ]
+        if self.parts_failed:
+            lines.append(f"  {self.parts_failed} parts failed after retries; run again to "
+                         "finish them")
+        return "\n".join(lines)
+
+
+@task(name="score-part", retries=2, retry_delay_seconds=2, cache_policy=NO_CACHE,
+      task_run_name="score-{plan.part_id}")
+def score_task(store_url: str, tracking_uri: str, model_json: dict[str, Any], plan: ScorePlan,
+               top: int, device: str | None) -> ScorePartResult:
+    """Score the feature shards of one part into staging."""
+    return score_part(store_url, tracking_uri, model_json, plan, top=top, device=device)
+
+
+def plan_parts(manifests: list[ShardManifest], done: set[str], model: ScoredModel, *,
+               workers: int, max_segments: int = MAX_SEGMENTS_PER_PART) -> list[ScorePlan]:
+    """Group the feature shards not yet scored into parts of balanced segment counts.
+
+    At least two parts per worker slot (when there are enough shards), at most
+    ``max_segments`` segments per part unless one shard alone is larger; shards stay whole.
+    """
+    todo = sorted((m for m in manifests if m.shard_id not in done), key=lambda m: m.shard_id)
+    if not todo:
+        return []
+    total = sum(m.n_segments for m in todo)
+    n = min(len(todo), max(2 * workers, math.ceil(total / max_segments)))
+    target = max(1.0, total / n)
+    groups: list[list[ShardManifest]] = [[] for _ in range(n)]
+    acc, last = 0.0, 0
+    for m in todo:
+        k = max(min(n - 1, int((acc + m.n_segments / 2) / target)), last)
+        groups[k].append(m)
+        last = k
+        acc += m.n_segments
+    plans = [ScorePlan(part_id_of(model, [m.shard_id for m in g]),
+                       tuple(m.shard_id for m in g), sum(m.n_ok for m in g),
+                       sum(m.n_segments for m in g)) for g in groups if g]
+    return sorted(plans, key=lambda p: -p.n_segments)
+
+
+def tracking_uri_for(store: FeatureStore, tracking_uri: str | None = None) -> str:
+    """The MLflow URI to read models from: given, ``MLFLOW_TRACKING_URI``, or the store's own.
+
+    ``tracking_uri`` may also be the folder of another store (its embedded SQLite is used).
+    """
+    from training import tracking
+
+    if tracking_uri and "://" not in tracking_uri:
+        db = os.path.join(tracking_uri, "mlflow", "mlflow.db")
+        if not os.path.exists(db):
+            raise StoreError(f"{tracking_uri} is neither a URI nor a store with an MLflow "
+                             "database")
+        tracking_uri = f"sqlite:///{os.path.abspath(db)}"
+    if tracking_uri:
+        tracking.use(tracking_uri)
+        return tracking_uri
+    return tracking.configure(store)
+
+
+def scored_model(model_uri: str, tracking_uri: str) -> tuple[ScoredModel, dict[str, Any]]:
+    """Resolve ``model_uri`` to an exact version; return its record and feature config."""
+    from training import tracking
+
+    tracking.use(tracking_uri)
+    ref = tracking.resolve(model_uri)
+    predictor = load_predictor(tracking_uri, f"models:/{ref['name']}/{ref['version']}", "cpu")
+    meta = predictor.meta
+    model = ScoredModel(
+        name=ref["name"], version=ref["version"], run_id=ref["run_id"],
+        feature_set=meta["feature_set"], classes=list(meta["classes"]),
+        multi_label=bool(meta["multi_label"]), threshold=float(meta.get("threshold", 0.0)),
+        embed_dim=predictor.embed_dim, input=predictor.input, architecture=meta["model"])
+    return model, dict(meta["feature_config"])
+
+
+def check_feature_set(fstore: FeatureStore, model: ScoredModel, config: dict[str, Any]) -> None:
+    """Refuse a model whose feature set the store does not hold (with what differs)."""
+    held = [r for r in fstore.feature_sets() if fstore.manifests(r["feature_set"])]
+    if any(r["feature_set"] == model.feature_set for r in held):
+        return
+    lines = [f"model {model.name} v{model.version} was trained on feature set "
+             f"{model.feature_set}, which store {fstore.url} does not hold; scoring its "
+             "features with this model would give garbage."]
+    for record in held:
+        diff = [f"{k}: model {config.get(k)!r}, store {v!r}" for k, v in
+                sorted(record["config"].items()) if config.get(k) != v]
+        what = "; ".join(diff) if diff else "same config, computed by other feature code"
+        lines.append(f"  store feature set {record['feature_set']}: {what}")
+    lines.append("  Pass the audio as SOURCE (`mtag score SOURCE ...`) to compute the model's "
+                 "features, or ingest with the model's feature config.")
+    raise StoreError("\n".join(lines))
+
+
+@flow(name="score", validate_parameters=False)
+def score_flow(store: str, model_uri: str, source: str | None = None, top_k: int = 5,
+               workers: int = 1, progress: bool = True, device: str | None = None,
+               tracking_uri: str | None = None, shard_minutes: float = 60.0
+               ) -> dict[str, Any]:
+    """Score the store (after ingesting ``source``, if given) with ``model_uri``."""
+    logger = get_run_logger()
+    started = time.perf_counter()
+    fstore = FeatureStore(store, create=source is not None)
+    uri = tracking_uri_for(fstore, tracking_uri)
+    model, feature_config = scored_model(model_uri, uri)
+    logger.info("model %s resolves to %s v%s (run %s, feature set %s)", model_uri, model.name,
+                model.version, model.run_id, model.feature_set)
+    ingest = None
+    if source is not None:
+        from flows.ingest import ingest_flow
+
+        runner = FlowRunContext.get().task_runner.duplicate()  # type: ignore[union-attr]
+        ingest = ingest_flow.with_options(task_runner=runner)(
+            source=source, store=store, config=feature_config, shard_minutes=shard_minutes,
+            workers=workers, progress=progress)
+    check_feature_set(fstore, model, feature_config)
+    summary = ScoreSummary(model.name, model.version, model.feature_set, workers=workers,
+                           ingest=ingest)
+    scores = ScoreStore(fstore)
+    with fstore.lock():
+        removed = scores.recover()
+        if removed:
+            logger.info("recovered: removed %d uncommitted score parts", removed)
+        scores.register_model(model)
+        manifests = fstore.manifests(model.feature_set)
+        done = scores.scored_shards(model.name, model.version)
+        summary.tracks_in_store = sum(m.n_ok for m in manifests)
+        summary.already_scored = sum(m.n_ok for m in manifests if m.shard_id in done)
+        plans = plan_parts(manifests, done, model, workers=workers)
+        if plans:
+            _score(fstore, scores, uri, model, plans, summary, top_k, device, progress)
+    summary.wall_s = time.perf_counter() - started
+    logger.info(summary.render())
+    return summary.to_dict()
+
+
+def _score(fstore: FeatureStore, scores: ScoreStore, tracking_uri: str, model: ScoredModel,
+           plans: list[ScorePlan], summary: ScoreSummary, top_k: int, device: str | None,
+           progress: bool) -> None:
+    logger = get_run_logger()
+    futures = score_task.map(fstore.url, tracking_uri, unmapped(model.to_dict()), plans, top_k,
+                             device)
+    total = sum(p.n_tracks for p in plans)
+    with Progress("score", total=total, unit="tracks", enabled=progress) as bar:
+        for future in as_completed(futures):
+            future.wait()
+            if not future.state.is_completed():
+                summary.parts_failed += 1
+                logger.error("score part failed after retries: %s", future.state.message)
+                continue
+            result: ScorePartResult = future.result()
+            scores.commit(result.staged_dir, ScoreManifest(
+                part_id=result.part_id, shards=result.shards, n_tracks=result.n_tracks,
+                n_segments=result.n_segments, model_name=model.name,
+                model_version=model.version, feature_set=model.feature_set,
+                extra={"compute_s": result.compute_s, "device": result.device}))
+            summary.tracks += result.n_tracks
+            summary.segments += result.n_segments
+            summary.parts += 1
+            summary.compute_s += result.compute_s
+            summary.unconfident += result.n_unconfident
+            summary.device = result.device
+            for label, count in result.label_counts.items():
+                summary.label_counts[label] = summary.label_counts.get(label, 0) + count
+            bar.advance(result.n_tracks)
+
+
+def run_score(store: str, model_uri: str, *, source: str | None = None, top_k: int = 5,
+              dask_address: str | None = None, n_workers: int | None = None,
+              device: str | None = None, tracking_uri: str | None = None,
+              progress: bool = True, shard_minutes: float = 60.0) -> ScoreSummary:
+    """Run the score flow on a Dask cluster (an existing one, or a local one started here).
+
+    Parameters
+    ----------
+    store : str
+        Feature store root (created when ``source`` is given).
+    model_uri : str
+        ``models:/NAME@ALIAS`` or ``models:/NAME/VERSION``.
+    source : str, optional
+        Audio to ingest first (only what the store does not hold is processed).
+    top_k : int
+        Labels kept per track in ``top_labels``.
+    dask_address, n_workers : as for :func:`flows.ingest.run_ingest`.
+    device : str, optional
+        Torch device of the workers (default: CUDA when present).
+    tracking_uri : str, optional
+        MLflow URI (or another store's folder) holding the model; default
+        ``MLFLOW_TRACKING_URI`` or the store's embedded SQLite.
+    """
+    fstore = FeatureStore(store, create=source is not None)
+    uri = tracking_uri_for(fstore, tracking_uri)
+    model, config = scored_model(model_uri, uri)
+    with prefect_api(start=False) as api, dask_cluster(dask_address,
+                                                       n_workers=n_workers) as cluster:
+        cluster.warm(warm_scorer, uri, model.uri, device)
+        if source is not None:
+            from flows.extract import warm_worker
+
+            cluster.warm(warm_worker, FeatureConfig.from_dict(config).to_json())
+        api.start()
+        runner = DaskTaskRunner(address=cluster.address)
+        result = score_flow.with_options(task_runner=runner)(
+            store=store, model_uri=model.uri, source=source, top_k=top_k,
+            workers=cluster.threads, progress=progress, device=device, tracking_uri=uri,
+            shard_minutes=shard_minutes)
+    data = dict(result)
+    data.pop("tracks_per_s", None)
+    return ScoreSummary(**data)
+
+
+def summary_json(summary: ScoreSummary) -> str:
+    """The summary as indented JSON."""
+    return json.dumps(summary.to_dict(), indent=1, default=str)

@@ -1,0 +1,135 @@
+"""Worker-side body of the scoring task: load the model once per process, score whole feature
+shards into one staged part.
+
+Plain functions (the Prefect wrapper is in :mod:`flows.score`). They connect the model loader
+(:mod:`training.artifact` via :mod:`training.tracking`), the scoring math in
+:mod:`tasks.scoring` and the writers in :mod:`featurestore.scores`.
+"""
+
+from __future__ import annotations
+
+import collections
+import functools
+import os
+import resource
+import socket
+import time
+from typing import Any
+
+import numpy as np
+import pyarrow.parquet as pq
+
+from featurestore.reader import shard_matrices
+from featurestore.scores import ScoredModel, ScorePartWriter, ScoreStore
+from featurestore.store import FeatureStore
+from flows.records import ScorePartResult, ScorePlan
+from tasks.scoring import score_rows
+
+CPU_BATCH = 256
+GPU_BATCH = 2048
+
+
+@functools.lru_cache(maxsize=2)
+def load_predictor(tracking_uri: str, model_uri: str, device: str | None = None) -> Any:
+    """The model behind ``model_uri``, downloaded and loaded once per process."""
+    from training import tracking
+    from training.artifact import load
+
+    tracking.use(tracking_uri)
+    return load(tracking.load_artifact_dir(model_uri), device=device)
+
+
+def warm_scorer(tracking_uri: str, model_uri: str, device: str | None = None) -> str:
+    """Load the model in this worker before the first task needs it."""
+    import prefect.task_engine  # noqa: F401  (the task engine's own imports)
+
+    load_predictor(tracking_uri, model_uri, device)
+    return f"{socket.gethostname()}:{os.getpid()}"
+
+
+def score_part(store_url: str, tracking_uri: str, model_json: dict[str, Any], plan: ScorePlan,
+               *, top: int = 5, device: str | None = None) -> ScorePartResult:
+    """Score every segment of the feature shards in ``plan`` into a staged part.
+
+    Returns
+    -------
+    ScorePartResult
+        Counts, the staging folder to commit, label counts and what it cost.
+    """
+    started = time.perf_counter()
+    model = ScoredModel.from_dict(model_json)
+    predictor = load_predictor(tracking_uri, model.uri, device)
+    store = FeatureStore(store_url)
+    scores = ScoreStore(store)
+    staged = scores.staging_dir(model, plan.part_id)
+    labels: collections.Counter[str] = collections.Counter()
+    unsure = 0
+    batch = GPU_BATCH if predictor.device.type == "cuda" else CPU_BATCH
+    with ScorePartWriter(store, staged, model) as writer:
+        for shard in plan.shards:
+            track_rows, segment_rows = _score_shard(store, model, predictor, shard, top, batch)
+            writer.add(track_rows, segment_rows)
+            labels.update(track_rows["label"])
+            unsure += int(np.sum(~track_rows["confident"]))
+    return ScorePartResult(
+        part_id=plan.part_id, staged_dir=staged, shards=list(plan.shards),
+        n_tracks=writer.n_tracks, n_segments=writer.n_segments,
+        compute_s=time.perf_counter() - started, label_counts=dict(labels),
+        n_unconfident=unsure, device=str(predictor.device),
+        peak_rss_mb=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0,
+        worker=f"{socket.gethostname()}:{os.getpid()}",
+    )
+
+
+def _score_shard(store: FeatureStore, model: ScoredModel, predictor: Any, shard: str, top: int,
+                 batch: int) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Track rows and segment rows of one feature shard."""
+    fs = model.feature_set
+    with store.fs.open(store.shard_file(fs, shard, "tracks"), "rb") as fh:
+        tracks = pq.read_table(fh, columns=["track_id", "path"]).to_pydict()
+    path_of = dict(zip(tracks["track_id"], tracks["path"], strict=True))
+    summary_cols = list(predictor.meta["columns"]) if predictor.input == "summary" else []
+    with store.fs.open(store.shard_file(fs, shard, "segments"), "rb") as fh:
+        seg = pq.read_table(fh, columns=["track_id", "segment", "start_s", *summary_cols])
+    seg_ids = seg["track_id"].to_numpy(zero_copy_only=False)
+    seg_no = seg["segment"].to_numpy()
+    if predictor.input == "summary":
+        frame = seg.select(summary_cols).to_pandas()
+        probs, emb = predictor.predict(frame, embeddings=True)
+        ids, numbers = seg_ids, seg_no
+    else:
+        parts = [(t, s, *predictor.predict(m, embeddings=True, batch_size=batch))
+                 for t, s, m in shard_matrices(store, fs, shard, predictor.input)]
+        ids = np.concatenate([p[0] for p in parts]) if parts else np.array([], object)
+        numbers = np.concatenate([p[1] for p in parts]) if parts else np.array([], np.int32)
+        n_c = len(model.classes)
+        probs = np.concatenate([p[2] for p in parts]) if parts else np.zeros((0, n_c),
+                                                                             np.float32)
+        emb = np.concatenate([p[3] for p in parts]) if parts else np.zeros(
+            (0, model.embed_dim), np.float32)
+    start_s = _align_start(seg_ids, seg_no, seg["start_s"].to_numpy(), ids, numbers)
+    track_rows, segment_rows = score_rows(
+        ids, numbers, _align_classes(probs, predictor.classes, model.classes), emb,
+        model.classes, threshold=model.threshold, multi_label=model.multi_label, top=top)
+    track_rows["path"] = [path_of.get(t) for t in track_rows["track_id"]]
+    segment_rows["start_s"] = start_s
+    return track_rows, segment_rows
+
+
+def _align_start(ids: np.ndarray, numbers: np.ndarray, start_s: np.ndarray,
+                 want_ids: np.ndarray, want_numbers: np.ndarray) -> np.ndarray:
+    """``start_s`` of the segments ``(want_ids, want_numbers)`` from the segments table."""
+    if len(want_ids) == len(ids) and np.array_equal(want_numbers, numbers) and \
+            np.array_equal(want_ids, ids):
+        return start_s
+    lookup = {(t, int(n)): s for t, n, s in zip(ids, numbers, start_s, strict=True)}
+    return np.array([lookup.get((t, int(n)), np.nan) for t, n in
+                     zip(want_ids, want_numbers, strict=True)], dtype=np.float64)
+
+
+def _align_classes(probs: np.ndarray, model_classes: list[str], classes: list[str]
+                   ) -> np.ndarray:
+    if list(model_classes) == list(classes):
+        return probs
+    index = {c: i for i, c in enumerate(model_classes)}
+    return probs[:, [index[c] for c in classes]]

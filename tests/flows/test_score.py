@@ -1,0 +1,221 @@
+"""Scoring, neighbours and the score views on a real LocalCluster, Prefect and MLflow store."""
+
+from __future__ import annotations
+
+import os
+import shutil
+
+import numpy as np
+import pytest
+from factories import write
+
+from featurestore.query import connect, run_query
+from featurestore.scores import ScoreStore
+from featurestore.store import FeatureStore
+from tasks.errors import StoreError
+from tasks.synth import render_track
+
+pytestmark = pytest.mark.slow
+
+NAME = "score-cnn"
+CNN = {"channels": [16, 32, 32, 64], "embed_dim": 32}
+
+
+@pytest.fixture(scope="module")
+def scored(labelled_store, tmp_path_factory, dask_address, prefect_harness):
+    """A private copy of the labelled store, a CNN trained and registered in it, and one
+    scoring run. Returns (store, labels, first summary)."""
+    from flows.score import run_score
+    from flows.train import train_model
+
+    src, labels, _ = labelled_store
+    store = str(tmp_path_factory.mktemp("scored") / "store")
+    shutil.copytree(src, store, ignore=shutil.ignore_patterns("mlflow"))
+    os.environ.pop("MLFLOW_TRACKING_URI", None)
+    out = train_model(store=store, labels=labels, model="cnn", registered_name=NAME,
+                      valid_size=0.2, test_size=0.2, model_params=CNN,
+                      train_config={"epochs": 10, "batch_size": 16, "lr": 2e-3, "seed": 0},
+                      workdir=str(tmp_path_factory.mktemp("work")))
+    assert out["promotion"]["version"] == "1", out
+    print("trained:", out["best"]["test"]["accuracy"], out["best"]["valid_macro_f1"])
+    summary = run_score(store, f"models:/{NAME}@champion", dask_address=dask_address,
+                        progress=False)
+    return store, labels, summary
+
+
+def _query(store, sql, model=None):
+    con = connect(FeatureStore(store), model=model)
+    try:
+        return run_query(con, sql).to_pandas()
+    finally:
+        con.close()
+
+
+def test_every_track_scored_once_with_lineage(scored):
+    store, _, summary = scored
+    fs = FeatureStore(store).default_feature_set()
+    assert (summary.model_name, summary.model_version) == (NAME, "1")
+    assert summary.tracks == 48 and summary.parts >= 2 and summary.parts_failed == 0
+    tracks = _query(store, "SELECT * FROM scores ORDER BY track_id")
+    assert len(tracks) == 48 and tracks["track_id"].is_unique
+    assert set(tracks["model_version"]) == {"1"} and set(tracks["feature_set"]) == {fs}
+    assert set(tracks["model_name"]) == {NAME} and tracks["model_run_id"].str.len().min() > 8
+    probs = np.stack(tracks["probabilities"].to_numpy())
+    np.testing.assert_allclose(probs.sum(1), 1.0, rtol=1e-4)
+    emb = np.stack(tracks["embedding"].to_numpy())
+    assert emb.shape == (48, CNN["embed_dim"])
+    np.testing.assert_allclose(np.linalg.norm(emb, axis=1), 1.0, rtol=1e-5)
+    classes = _query(store, "SELECT class FROM score_classes ORDER BY position")["class"].tolist()
+    assert classes == ["flute", "piano", "trumpet"]
+    assert (tracks["label"].to_numpy() == np.array(classes)[probs.argmax(1)]).all()
+    assert all(list(t) == [lab] for t, lab in zip(tracks["tags"], tracks["label"], strict=True))
+    assert all(len(t) == 3 and t[0] == lab for t, lab in zip(tracks["top_labels"],
+                                                             tracks["label"], strict=True))
+    # the instrument in the path is the truth: a trained model gets most of them right
+    truth = tracks["path"].str.extract(r"/catalogue/(\w+)/")[0]
+    assert (truth == tracks["label"]).mean() > 0.6
+    segs = _query(store, "SELECT count(*) AS n, count(DISTINCT track_id) AS t "
+                         "FROM segment_scores")
+    assert segs["n"][0] == summary.segments == _query(
+        store, "SELECT sum(n_segments) AS n FROM tracks")["n"][0]
+
+
+def test_scores_match_the_registered_model_on_stored_features(scored):
+    from featurestore.reader import TensorReader
+    from tasks.scoring import l2_normalize
+    from training import tracking
+    from training.artifact import load
+
+    store, _, _ = scored
+    tracking.configure(FeatureStore(store))
+    predictor = load(tracking.load_artifact_dir(f"models:/{NAME}/1"), device="cpu")
+    reader = TensorReader(FeatureStore(store))
+    row = _query(store, "SELECT track_id, probabilities, embedding, confident, probability "
+                        "FROM scores ORDER BY track_id LIMIT 1").iloc[0]
+    rows = np.flatnonzero(reader.index.track_id == row["track_id"])
+    x = np.stack([reader.matrix("logmel", int(r)) for r in rows])
+    probs, emb = predictor.predict(x, embeddings=True)
+    np.testing.assert_allclose(row["probabilities"], probs.mean(0), rtol=1e-4, atol=1e-6)
+    np.testing.assert_allclose(row["embedding"], l2_normalize(emb.mean(0, keepdims=True))[0],
+                               rtol=1e-4, atol=1e-5)
+    assert row["confident"] == (row["probability"] >= predictor.meta["threshold"])
+    seg = _query(store, f"SELECT probabilities FROM segment_scores WHERE track_id = "
+                        f"'{row['track_id']}' ORDER BY segment")
+    np.testing.assert_allclose(np.stack(seg["probabilities"].to_numpy()), probs, rtol=1e-4,
+                               atol=1e-6)
+
+
+def test_rescoring_is_a_no_op_and_crash_leftovers_are_removed(scored, dask_address):
+    from flows.score import run_score
+
+    store, _, _ = scored
+    scores = ScoreStore(FeatureStore(store))
+    before = sorted(m.part_id for m in scores.manifests(NAME, "1"))
+    orphan = f"{scores.model_root(NAME, '1')}/parts/p-crashed"
+    os.makedirs(orphan)
+    with open(f"{orphan}/scores.parquet", "wb") as fh:
+        fh.write(b"half a file")
+    again = run_score(store, f"models:/{NAME}@champion", dask_address=dask_address,
+                      progress=False)
+    assert again.tracks == 0 and again.already_scored == 48
+    assert "Nothing to do" in again.render()
+    assert not os.path.exists(orphan)
+    assert sorted(m.part_id for m in scores.manifests(NAME, "1")) == before
+    assert _query(store, "SELECT count(*) AS n FROM scores")["n"][0] == 48
+
+
+def test_new_version_writes_beside_the_old(scored, dask_address):
+    from flows.score import run_score
+    from flows.train import train_model
+
+    store, labels, _ = scored
+    out = train_model(store=store, labels=labels, model="linear", registered_name=NAME,
+                      valid_size=0.2, test_size=0.2)
+    version = out["promotion"]["version"]
+    assert version == "2"
+    second = run_score(store, f"models:/{NAME}/2", dask_address=dask_address, progress=False)
+    assert second.tracks == 48 and second.model_version == "2"
+    latest = _query(store, "SELECT DISTINCT model_version FROM scores")
+    assert latest["model_version"].tolist() == ["2"]
+    first = _query(store, "SELECT count(*) AS n, any_value(model_version) AS v FROM scores",
+                   model=f"{NAME}/1")
+    assert (first["n"][0], first["v"][0]) == (48, "1")
+    models = _query(store, "SELECT model_version, tracks, in_views FROM score_models "
+                           "ORDER BY model_version")
+    assert models.to_dict("list") == {"model_version": ["1", "2"], "tracks": [48, 48],
+                                      "in_views": [False, True]}
+
+
+def test_model_of_another_feature_set_is_refused(scored, tmp_path, dask_address):
+    from flows.ingest import run_ingest
+    from flows.score import run_score
+    from tasks.config import FeatureConfig
+
+    store, _, _ = scored
+    cat = tmp_path / "cat"
+    for i in range(2):
+        write(str(cat / f"t{i}.wav"), render_track("flute", "march", seconds=4.0,
+                                                   sample_rate=22050, seed=i), 22050)
+    other = str(tmp_path / "other-store")
+    run_ingest(str(cat), other, config=FeatureConfig(n_mels=64), dask_address=dask_address,
+               progress=False)
+    with pytest.raises(StoreError, match=r"(?s)was trained on feature set fs-.*n_mels: model 128, "
+                                         r"store 64"):
+        run_score(other, f"models:/{NAME}/1", tracking_uri=store, dask_address=dask_address,
+                  progress=False)
+    assert not os.path.exists(os.path.join(other, "scores", NAME))
+
+
+def test_raw_audio_never_ingested_is_ingested_then_scored(scored, tmp_path, dask_address):
+    from flows.score import run_score
+
+    store, _, _ = scored
+    cat = tmp_path / "new audio"
+    for i, inst in enumerate(("piano", "trumpet", "flute")):
+        write(str(cat / f"{inst} {i}.ogg"), render_track(inst, "ballad", seconds=5.0,
+                                                         sample_rate=44100, seed=900 + i), 44100)
+    fresh = str(tmp_path / "fresh-store")
+    summary = run_score(fresh, f"models:/{NAME}/1", source=str(cat), tracking_uri=store,
+                        dask_address=dask_address, progress=False)
+    assert summary.ingest is not None and summary.ingest["ok"] == 3
+    assert summary.tracks == 3
+    rows = _query(fresh, "SELECT s.path, s.label, t.status FROM scores s JOIN tracks t "
+                         "USING (track_id) ORDER BY s.path")
+    assert len(rows) == 3 and set(rows["status"]) == {"ok"}
+    assert FeatureStore(fresh).default_feature_set() == FeatureStore(store).default_feature_set()
+
+
+def test_neighbours_exact_and_ann_agree_and_similar_uses_them(scored, dask_address):
+    from flows.similar import run_neighbours, similar
+
+    store, _, _ = scored
+    model = f"{NAME}/1"
+    exact = run_neighbours(store, k=5, model=model, method="exact", dask_address=dask_address,
+                           progress=False)
+    assert not exact["skipped"] and exact["tracks"] == 48
+    ex = _query(store, "SELECT track_id, rank, neighbour_id, similarity FROM neighbours "
+                       "ORDER BY track_id, rank", model=model)
+    assert len(ex) == 48 * 5 and (ex["track_id"] != ex["neighbour_id"]).all()
+    assert (ex.groupby("track_id")["similarity"].apply(
+        lambda s: bool(np.all(np.diff(s.to_numpy()) <= 1e-6)))).all()
+    again = run_neighbours(store, k=5, model=model, method="auto", dask_address=dask_address,
+                           progress=False)
+    assert again["skipped"]
+
+    one = ex["track_id"].iloc[0]
+    found, info = similar(store, one, k=5, model=model)
+    assert info["method"] == "table" and found["track_id"].tolist() == ex[
+        ex["track_id"] == one]["neighbour_id"].tolist()
+    path = _query(store, f"SELECT path FROM tracks WHERE track_id = '{one}'")["path"][0]
+    by_path, info = similar(store, path, k=7, model=model)  # deeper than the table: exact
+    assert info["method"] == "exact" and by_path["track_id"].tolist()[:5] == found[
+        "track_id"].tolist()
+
+    ann = run_neighbours(store, k=5, model=model, method="ann", dask_address=dask_address,
+                         progress=False)
+    assert ann["method"] == "ann"
+    ap = _query(store, "SELECT track_id, neighbour_id, method FROM neighbours", model=model)
+    assert set(ap["method"]) == {"ann"}
+    pairs = set(zip(ex["track_id"], ex["neighbour_id"], strict=True))
+    recall = len(pairs & set(zip(ap["track_id"], ap["neighbour_id"], strict=True))) / len(pairs)
+    assert recall >= 0.95, recall
