@@ -162,7 +162,7 @@ def format_result(table: pa.Table, fmt: str, *, max_rows: int = 100) -> str:
     if fmt not in OUTPUT_FORMATS:
         raise ParameterError(f"format must be one of {OUTPUT_FORMATS}, got {fmt!r}")
     if fmt in ("csv", "json"):
-        table = _shortest_float32(table)
+        table = _plain_decimals(_shortest_float32(table))
     frame = table.to_pandas(types_mapper=pd.ArrowDtype)
     if fmt == "csv":
         return str(frame.to_csv(index=False))
@@ -186,6 +186,21 @@ def _shortest_float32(table: pa.Table) -> pa.Table:
             nulls = table.column(i).is_null().to_pylist()
             short = [None if n else v for v, n in zip(short, nulls, strict=True)]
             table = table.set_column(i, pa.field(field.name, pa.float64()), pa.array(short))
+    return table
+
+
+def _plain_decimals(table: pa.Table) -> pa.Table:
+    """Decimal columns (DuckDB's ``sum`` of integers is a 128-bit integer) as JSON numbers:
+    int64 when the scale is 0 and every value fits, float64 otherwise."""
+    for i, field in enumerate(table.schema):
+        if pa.types.is_decimal(field.type):
+            column = table.column(i)
+            target = pa.int64() if field.type.scale == 0 else pa.float64()
+            try:
+                cast = column.cast(target)
+            except pa.ArrowInvalid:
+                cast = column.cast(pa.float64())
+            table = table.set_column(i, pa.field(field.name, cast.type), cast)
     return table
 
 

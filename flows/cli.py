@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from collections.abc import Sequence
 
@@ -159,16 +160,74 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     return 0
 
 
+STORE_HELP = "feature store root, a folder or s3://bucket/prefix (default: $MTAG_STORE)"
+
+
+def cmd_stack(args: argparse.Namespace) -> int:
+    # the CLI is the one place outside infra/ that reaches into it: environment wiring
+    from infra import stack
+
+    if args.action == "up":
+        record = stack.up(args.store, workers=args.workers or 2,
+                          ports={k: v for k, v in (("prefect", args.prefect_port),
+                                                   ("mlflow", args.mlflow_port),
+                                                   ("dask", args.dask_port)) if v},
+                          mlflow_backend_uri=args.mlflow_backend_uri, schedules=args.schedules)
+        print(f"stack for {args.store} is up (state: {record['state_dir']})")
+    if args.action in ("up", "status"):
+        rows = stack.status(args.store)
+        if not rows:
+            print(f"no stack recorded for {args.store}")
+            return 1
+        for r in rows:
+            state = "healthy" if r["healthy"] else ("running" if r["running"] else "stopped")
+            print(f"  {r['service']:15s} pid {r['pid']:<8d} {state:8s} {r['ui'] or r['url']}")
+        if args.action == "up":
+            print("point commands at it with:  eval \"$(mtag stack env --store "
+                  f"{args.store})\"")
+        return 0 if all(r["healthy"] for r in rows) else 1
+    if args.action == "env":
+        print(stack.env_lines(args.store))
+        return 0
+    stopped = stack.down(args.store)
+    print(f"stopped: {', '.join(stopped) if stopped else 'nothing was running'}")
+    return 0
+
+
+def cmd_deploy(args: argparse.Namespace) -> int:
+    from infra import deployments
+
+    if args.serve:
+        deployments.serve()
+        return 0
+    for name, ident in deployments.deploy(work_pool=args.work_pool).items():
+        print(f"deployed {name} ({ident})")
+    from flows.settings import load
+
+    pool = args.work_pool or load().work_pool
+    print(f"start a worker to run them:  prefect worker start --pool {pool}")
+    return 0
+
+
+def cmd_settings(args: argparse.Namespace) -> int:
+    from flows.settings import load, settings_table
+
+    load()  # validates the environment and the MTAG_CONFIG file
+    print(settings_table())
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="mtag", description="Music catalogue pipeline: ingest, query, train, evaluate, "
         "score, similar, neighbours, demo.")
     parser.add_argument("-v", "--verbose", action="store_true", help="show Prefect's logs")
+    parser.add_argument("--config", help="YAML file of MTAG_* settings (sets MTAG_CONFIG)")
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("ingest", help="ingest a catalogue into a feature store")
     p.add_argument("source", help="folder, fsspec URL prefix (s3://...), or CSV/Parquet manifest")
-    p.add_argument("--store", required=True, help="feature store root (folder or URL)")
+    p.add_argument("--store", help=STORE_HELP)
     p.add_argument("--dask-address", help="tcp://HOST:PORT of an existing Dask scheduler")
     p.add_argument("--workers", type=int, help="local worker processes (default: cores)")
     p.add_argument("--shard-minutes", type=float, default=60.0,
@@ -183,7 +242,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("query", help="run SQL over the store's views")
     p.add_argument("sql")
-    p.add_argument("--store", required=True)
+    p.add_argument("--store", help=STORE_HELP)
     p.add_argument("--feature-set", help="feature set of the views (default: newest)")
     p.add_argument("--model", help="scored model of the score views: NAME or NAME/VERSION "
                    "(default: the most recently scored)")
@@ -193,7 +252,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_query)
 
     p = sub.add_parser("train", help="train a tagger on labelled tracks; register in MLflow")
-    p.add_argument("--store", required=True)
+    p.add_argument("--store", help=STORE_HELP)
     p.add_argument("--labels", required=True, help="CSV/Parquet: path|track_id, label[, split]")
     p.add_argument("--model", default="auto",
                    help="cnn, mfcc_cnn, crnn, short_chunk_resnet, linear, gbm or auto")
@@ -216,7 +275,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("evaluate", help="evaluate a registered model on a labelled store")
-    p.add_argument("--store", required=True)
+    p.add_argument("--store", help=STORE_HELP)
     p.add_argument("--labels", required=True)
     p.add_argument("--model-uri", required=True, help="models:/NAME@ALIAS or models:/NAME/V")
     p.add_argument("--format", choices=("table", "json"), default="table")
@@ -225,7 +284,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("score", help="tag a catalogue: labels, probabilities, embeddings")
     p.add_argument("source", nargs="?", help="audio to ingest first (folder, URL prefix or "
                    "manifest); only what the store lacks is processed")
-    p.add_argument("--store", required=True)
+    p.add_argument("--store", help=STORE_HELP)
     p.add_argument("--model-uri", required=True, help="models:/NAME@ALIAS or models:/NAME/V")
     p.add_argument("--top-k", type=int, default=5, help="labels kept per track (default 5)")
     p.add_argument("--tracking-uri", help="MLflow URI, or the folder of the store the model "
@@ -239,14 +298,14 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("similar", help="the tracks that sound most like one track")
     p.add_argument("track", help="track id, or a path/URI of an ingested file")
-    p.add_argument("--store", required=True)
+    p.add_argument("--store", help=STORE_HELP)
     p.add_argument("--k", type=int, default=10)
     p.add_argument("--model", help="scored model: NAME or NAME/VERSION (default: latest)")
     p.add_argument("--format", choices=("table", "csv", "json"), default="table")
     p.set_defaults(func=cmd_similar)
 
     p = sub.add_parser("neighbours", help="write the k nearest tracks of every track")
-    p.add_argument("--store", required=True)
+    p.add_argument("--store", help=STORE_HELP)
     p.add_argument("--k", type=int, default=10)
     p.add_argument("--model", help="scored model: NAME or NAME/VERSION (default: latest)")
     p.add_argument("--method", choices=("auto", "exact", "ann"), default="auto",
@@ -256,6 +315,28 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--workers", type=int)
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=cmd_neighbours)
+
+    p = sub.add_parser("stack", help="local Prefect, MLflow and Dask servers on 127.0.0.1")
+    p.add_argument("action", choices=("up", "down", "status", "env"))
+    p.add_argument("--store", help=STORE_HELP)
+    p.add_argument("--workers", type=int, help="Dask worker processes (default 2)")
+    p.add_argument("--prefect-port", type=int, help="default 4200 (any free port if taken)")
+    p.add_argument("--mlflow-port", type=int, help="default 5000 (any free port if taken)")
+    p.add_argument("--dask-port", type=int, help="default 8786 (any free port if taken)")
+    p.add_argument("--mlflow-backend-uri", help="e.g. postgresql://... (default: SQLite in "
+                   "the store)")
+    p.add_argument("--schedules", action="store_true",
+                   help="also serve the scheduled deployments from a process")
+    p.set_defaults(func=cmd_stack)
+
+    p = sub.add_parser("deploy", help="register the scheduled deployments with Prefect")
+    p.add_argument("--serve", action="store_true",
+                   help="serve them from this process instead of a work pool")
+    p.add_argument("--work-pool", help="process work pool (default $MTAG_WORK_POOL)")
+    p.set_defaults(func=cmd_deploy)
+
+    p = sub.add_parser("settings", help="every setting, its default and current value")
+    p.set_defaults(func=cmd_settings)
 
     p = sub.add_parser("demo", help="generate a demo catalogue, ingest it, query it")
     p.add_argument("--dir", default="demo", help="folder for the catalogue and the store")
@@ -267,12 +348,28 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _from_settings(args: argparse.Namespace) -> None:
+    """Fill --store, --dask-address and --workers from the settings when not given."""
+    from flows.settings import check_url, load
+
+    settings = load()
+    if hasattr(args, "store"):
+        args.store = check_url(args.store) if args.store else settings.require("store")
+    if getattr(args, "dask_address", None) is None and hasattr(args, "dask_address"):
+        args.dask_address = settings.dask_address
+    if getattr(args, "workers", None) is None and hasattr(args, "workers"):
+        args.workers = settings.workers
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if args.config:
+        os.environ["MTAG_CONFIG"] = args.config
     apply_defaults(quiet=not args.verbose)
     from tasks.errors import MtagError
 
     try:
+        _from_settings(args)
         return int(args.func(args))
     except MtagError as exc:
         print(f"mtag: error: {exc}", file=sys.stderr)

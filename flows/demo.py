@@ -1,4 +1,5 @@
-"""``mtag demo``: render a labelled demo catalogue (no download), ingest it, query it.
+"""``mtag demo``: render a labelled demo catalogue (no download), ingest it, query it, train
+taggers, score the catalogue and show tags and neighbours.
 
 The catalogue is General MIDI music rendered with the soundfont that ships in the
 ``pretty_midi`` wheel (see :mod:`tasks.synth`); labels are the instrument and the style.
@@ -76,18 +77,30 @@ def make_catalogue(root: str, n_tracks: int, *, seed: int = 7, workers: int = 2)
 
 def run_demo(directory: str, *, n_tracks: int = 120, workers: int | None = None,
              progress: bool = True, train: bool = True) -> int:
-    """Generate, ingest and query the demo catalogue under ``directory``."""
-    from featurestore.query import connect, format_result, run_query
-    from featurestore.store import FeatureStore
-    from flows.cluster import default_workers
-    from flows.ingest import run_ingest
+    """Generate, ingest and query the demo catalogue under ``directory``; then train, score
+    and find neighbours (unless ``train`` is off). One local Dask cluster serves every step.
+    """
+    from flows.cluster import dask_cluster, default_workers
 
     catalogue = os.path.abspath(os.path.join(directory, "catalogue"))
     store = os.path.join(directory, "store")
     labels = make_catalogue(catalogue, n_tracks, workers=workers or default_workers())
+    with dask_cluster(None, n_workers=workers) as cluster:
+        _ingest(catalogue, store, labels, cluster.address, progress)
+        if train:
+            _train(store, labels)
+            _score(store, cluster.address, progress)
+    return 0
+
+
+def _ingest(catalogue: str, store: str, labels: str, address: str, progress: bool) -> None:
+    from featurestore.query import connect
+    from featurestore.store import FeatureStore
+    from flows.ingest import run_ingest
+
     print(f"\n$ mtag ingest {catalogue} --store {store}")
-    summary = run_ingest(catalogue, store, n_workers=workers, shard_minutes=5.0,
-                         progress=progress)
+    summary = run_ingest(catalogue, store, dask_address=address, shard_minutes=5.0,
+                         progress=progress, echo=False)
     print(summary.render())
     con = connect(FeatureStore(store))
     con.execute(f"CREATE VIEW labels AS SELECT * FROM read_csv('{labels}')")
@@ -103,13 +116,16 @@ def run_demo(directory: str, *, n_tracks: int = 120, workers: int | None = None,
          f"JOIN labels l ON t.path = '{os.path.dirname(catalogue)}/' || l.path "
          "GROUP BY 1 ORDER BY centroid_hz"),
     ]
+    _show(con, store, queries)
+    con.close()
+
+
+def _show(con, store: str, queries: list[tuple[str, str]]) -> None:  # type: ignore[no-untyped-def]
+    from featurestore.query import format_result, run_query
+
     for title, sql in queries:
         print(f"\n-- {title}\n$ mtag query --store {store} \"{sql}\"")
         sys.stdout.write(format_result(run_query(con, sql), "table"))
-    con.close()
-    if train:
-        _train(store, labels)
-    return 0
 
 
 def _train(store: str, labels: str) -> None:
@@ -130,3 +146,41 @@ def _train(store: str, labels: str) -> None:
     print(render_report(result["best"]["test"], "test tracks"))
     print(f"MLflow UI: mlflow ui --backend-store-uri sqlite:///{os.path.abspath(store)}"
           "/mlflow/mlflow.db")
+
+
+def _score(store: str, address: str, progress: bool) -> None:
+    from featurestore.query import connect, format_result
+    from featurestore.store import FeatureStore
+    from flows.score import run_score
+    from flows.similar import run_neighbours, similar
+
+    uri = f"models:/{DEMO_MODEL}@champion"
+    print(f"\n$ mtag score --store {store} --model-uri {uri}")
+    summary = run_score(store, uri, dask_address=address, progress=progress, echo=False)
+    print(summary.render())
+    print(f"\n$ mtag neighbours --store {store} --k 5")
+    out = run_neighbours(store, k=5, dask_address=address, progress=progress, echo=False)
+    print(f"{out['tracks']} tracks x {out['k']} neighbours ({out['method']} search)")
+    con = connect(FeatureStore(store))
+    _show(con, store, [
+        ("Tag distribution: predicted instrument, mean confidence, tracks not confident",
+         "SELECT label, count(*) AS tracks, round(avg(probability), 3) AS mean_p, "
+         "count(*) FILTER (NOT confident) AS unsure FROM scores GROUP BY 1 ORDER BY 2 DESC"),
+        ("Least confident tracks (open set: below the threshold chosen on validation data)",
+         "SELECT regexp_extract(path, '[^/]+/[^/]+$') AS file, label, "
+         "round(probability, 3) AS p, top_labels[2] AS runner_up FROM scores "
+         "ORDER BY probability LIMIT 5"),
+        ("How often a track's 5 nearest neighbours share its predicted instrument",
+         "SELECT round(avg((a.label = b.label)::int), 3) AS same_label_share "
+         "FROM neighbours n JOIN scores a USING (track_id) "
+         "JOIN scores b ON b.track_id = n.neighbour_id"),
+    ])
+    first = con.execute("SELECT path FROM scores ORDER BY path LIMIT 1").fetchone()
+    con.close()
+    if first:
+        import pyarrow as pa
+
+        found, info = similar(store, first[0], k=5)
+        print(f"\n$ mtag similar '{first[0]}' --store {store} --k 5   ({info['label']})")
+        sys.stdout.write(format_result(pa.Table.from_pandas(found, preserve_index=False),
+                                       "table"))

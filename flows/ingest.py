@@ -26,6 +26,7 @@ from flows.plan import batches, dedupe, plan_shards, triage
 from flows.prefect_api import prefect_api
 from flows.progress import Progress
 from flows.records import ProbeRecord, ShardPlan, ShardResult
+from flows.report import publish, run_id
 from tasks.config import FeatureConfig
 
 log = logging.getLogger("mtag")
@@ -114,6 +115,7 @@ def ingest_flow(source: str, store: str, config: dict[str, Any] | None = None,
     """Ingest ``source`` into the feature store at ``store``; return the summary as a dict."""
     logger = get_run_logger()
     started = time.perf_counter()
+    logger.info("flow run %s: ingest %s into %s", run_id(), source, store)
     cfg = FeatureConfig.from_dict(config or {})
     fstore = FeatureStore(store, create=True)
     with fstore.lock():
@@ -140,6 +142,13 @@ def ingest_flow(source: str, store: str, config: dict[str, Any] | None = None,
             _extract(fstore, cfg, shards, summary, progress)
     summary.wall_s = time.perf_counter() - started
     logger.info(summary.render())
+    publish("ingest-summary", f"ingest into {summary.feature_set}", {
+        "tracks ok": summary.ok, "failed": summary.failed, "unsupported": summary.unsupported,
+        "skipped (unchanged or duplicate)": summary.skipped, "segments": summary.segments,
+        "audio hours": summary.audio_s / 3600, "wall s": summary.wall_s,
+        "x realtime": summary.realtime_x, "workers": summary.workers,
+        "shards failed": summary.shards_failed},
+        [{"path": p, "stage": st, "error": e} for p, st, e in summary.errors[:50]] or None)
     return summary.to_dict()
 
 
@@ -194,7 +203,8 @@ def _extract(fstore: FeatureStore, cfg: FeatureConfig, shards: list[ShardPlan],
 
 def run_ingest(source: str, store: str, *, config: FeatureConfig | None = None,
                dask_address: str | None = None, n_workers: int | None = None,
-               shard_minutes: float = 60.0, progress: bool = True) -> IngestSummary:
+               shard_minutes: float = 60.0, progress: bool = True,
+               echo: bool = True) -> IngestSummary:
     """Run the ingest flow on a Dask cluster (an existing one, or a local one started here).
 
     Parameters
@@ -213,11 +223,13 @@ def run_ingest(source: str, store: str, *, config: FeatureConfig | None = None,
         Target audio minutes per shard task.
     progress : bool
         Show progress bars on stderr.
+    echo : bool
+        Print where the Dask cluster and its dashboard are.
     """
     cfg = config or FeatureConfig()
     # workers spawn and import while the temporary Prefect API boots
-    with prefect_api(start=False) as api, dask_cluster(dask_address,
-                                                       n_workers=n_workers) as cluster:
+    with prefect_api(start=False) as api, dask_cluster(dask_address, n_workers=n_workers,
+                                                       echo=echo) as cluster:
         cluster.warm(warm_worker, cfg.to_json())
         api.start()
         runner = DaskTaskRunner(address=cluster.address)

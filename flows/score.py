@@ -28,6 +28,7 @@ from flows.cluster import dask_cluster
 from flows.prefect_api import prefect_api
 from flows.progress import Progress
 from flows.records import ScorePartResult, ScorePlan
+from flows.report import publish, run_id
 from flows.scoring import load_predictor, score_part, warm_scorer
 from tasks.config import FeatureConfig
 from tasks.errors import StoreError
@@ -187,8 +188,8 @@ def score_flow(store: str, model_uri: str, source: str | None = None, top_k: int
     fstore = FeatureStore(store, create=source is not None)
     uri = tracking_uri_for(fstore, tracking_uri)
     model, feature_config = scored_model(model_uri, uri)
-    logger.info("model %s resolves to %s v%s (run %s, feature set %s)", model_uri, model.name,
-                model.version, model.run_id, model.feature_set)
+    logger.info("flow run %s: model %s resolves to %s v%s (run %s, feature set %s)", run_id(),
+                model_uri, model.name, model.version, model.run_id, model.feature_set)
     ingest = None
     if source is not None:
         from flows.ingest import ingest_flow
@@ -215,6 +216,14 @@ def score_flow(store: str, model_uri: str, source: str | None = None, top_k: int
             _score(fstore, scores, uri, model, plans, summary, top_k, device, progress)
     summary.wall_s = time.perf_counter() - started
     logger.info(summary.render())
+    publish("score-summary", f"score with {model.name} v{model.version}", {
+        "model": f"{model.name} v{model.version} (MLflow run {model.run_id})",
+        "feature set": model.feature_set, "tracks scored": summary.tracks,
+        "already scored": summary.already_scored, "not confident": summary.unconfident,
+        "segments": summary.segments, "tracks/s": summary.tracks_per_s,
+        "wall s": summary.wall_s, "parts failed": summary.parts_failed},
+        [{"label": k, "tracks": v} for k, v in sorted(summary.label_counts.items(),
+                                                       key=lambda kv: -kv[1])] or None)
     return summary.to_dict()
 
 
@@ -252,7 +261,8 @@ def _score(fstore: FeatureStore, scores: ScoreStore, tracking_uri: str, model: S
 def run_score(store: str, model_uri: str, *, source: str | None = None, top_k: int = 5,
               dask_address: str | None = None, n_workers: int | None = None,
               device: str | None = None, tracking_uri: str | None = None,
-              progress: bool = True, shard_minutes: float = 60.0) -> ScoreSummary:
+              progress: bool = True, shard_minutes: float = 60.0,
+              echo: bool = True) -> ScoreSummary:
     """Run the score flow on a Dask cluster (an existing one, or a local one started here).
 
     Parameters
@@ -275,8 +285,8 @@ def run_score(store: str, model_uri: str, *, source: str | None = None, top_k: i
     fstore = FeatureStore(store, create=source is not None)
     uri = tracking_uri_for(fstore, tracking_uri)
     model, config = scored_model(model_uri, uri)
-    with prefect_api(start=False) as api, dask_cluster(dask_address,
-                                                       n_workers=n_workers) as cluster:
+    with prefect_api(start=False) as api, dask_cluster(dask_address, n_workers=n_workers,
+                                                       echo=echo) as cluster:
         cluster.warm(warm_scorer, uri, model.uri, device)
         if source is not None:
             from flows.extract import warm_worker

@@ -34,6 +34,7 @@ from featurestore.store import FeatureStore
 from flows.cluster import dask_cluster
 from flows.prefect_api import prefect_api
 from flows.progress import Progress
+from flows.report import publish
 from tasks.errors import ParameterError, StoreError
 from tasks.similarity import AnnIndex, Neighbours, exact_search
 
@@ -289,17 +290,21 @@ def neighbours_flow(store: str, k: int = 10, model: str | None = None, method: s
             "source_digest": digest, "ann": ANN_PARAMS | {"backend": ANN_BACKEND}
             if resolved == "ann" else None, "build_s": build_s})
     wall = time.perf_counter() - started
-    logger.info("neighbours: %d tracks x %d by %s in %.1f s", n, k, resolved, wall)
+    logger.info("flow run %s: neighbours of %d tracks x %d by %s in %.1f s", run_id(), n, k,
+                resolved, wall)
+    publish("neighbours-summary", f"neighbours of {chosen.name} v{chosen.version}", {
+        "tracks": n, "k": k, "method": resolved, "index build s": build_s, "wall s": wall})
     return out | {"skipped": False, "method": resolved, "tracks": n, "wall_s": wall,
                   "build_s": build_s}
 
 
 def run_neighbours(store: str, *, k: int = 10, model: str | None = None, method: str = "auto",
                    dask_address: str | None = None, n_workers: int | None = None,
-                   progress: bool = True, force: bool = False) -> dict[str, Any]:
+                   progress: bool = True, force: bool = False, echo: bool = True
+                   ) -> dict[str, Any]:
     """Run :func:`neighbours_flow` on a Dask cluster (an existing or a local one)."""
-    with prefect_api(start=False) as api, dask_cluster(dask_address,
-                                                       n_workers=n_workers) as cluster:
+    with prefect_api(start=False) as api, dask_cluster(dask_address, n_workers=n_workers,
+                                                       echo=echo) as cluster:
         api.start()
         runner = DaskTaskRunner(address=cluster.address)
         return dict(neighbours_flow.with_options(task_runner=runner)(

@@ -18,6 +18,7 @@ import numpy as np
 from prefect import flow, get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 
+from flows.report import publish, run_id
 from tasks.errors import StoreError
 from tasks.version import CODE_VERSION
 from training import tracking
@@ -126,7 +127,11 @@ def train_model(store: str, labels: str, model: str = "auto", registered_name: s
     candidates = auto_candidates(len(prep.labels.frame)) if model == "auto" else [model]
     work = workdir or tempfile.mkdtemp(prefix="mtag-train-")
     results = []
-    with mlflow.start_run(experiment_id=exp, run_name=f"train-{model}") as parent:
+    flow_run = run_id()
+    get_run_logger().info("flow run %s: training %s on %s", flow_run, model, store)
+    with mlflow.start_run(experiment_id=exp, run_name=f"train-{model}",
+                          tags={"prefect_flow_run_id": flow_run} if flow_run else None
+                          ) as parent:
         for cand in candidates:
             print(f"training {cand} ...")
             res = fit_task(prep, cand, work, tc, model_params if model != "auto" else None, name)
@@ -138,6 +143,16 @@ def train_model(store: str, labels: str, model: str = "auto", registered_name: s
         tracking.log_params({"best_model": best["model"], "candidates": candidates})
         decision = promote_task(prep, best, name)
         parent_id = parent.info.run_id
+    publish("train-summary", f"train {name}: {best['model']} v{decision['version']}", {
+        "registered model": f"{name} v{decision['version']} (@candidate)",
+        "promotion": ("promoted to @champion" if decision["promoted"] else
+                      "champion unchanged") + f": {decision['reason']}",
+        "best model": best["model"], "labelled tracks": len(prep.labels.frame),
+        "test accuracy": best["test"].get("accuracy"), "test macro-F1":
+        best["test"].get("macro_f1"), "MLflow run": parent_id},
+        [{"model": r["model"], "valid macro-F1": r["valid_macro_f1"],
+          "test accuracy": r["test"].get("accuracy"), "test macro-F1":
+          r["test"].get("macro_f1"), "train s": r["train_seconds"]} for r in results])
     return {"registered_name": name, "best": best, "candidates": results,
             "promotion": decision, "parent_run_id": parent_id,
             "labels": {"tracks": len(prep.labels.frame), "unmatched": len(prep.labels.unmatched),

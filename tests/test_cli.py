@@ -91,3 +91,38 @@ def test_kill_9_then_resume_gives_exactly_one_row_per_segment(tmp_path):
     assert counts == {"tracks": n_tracks, "distinct_tracks": n_tracks,
                       "segments": n_tracks * 5, "keys": n_tracks * 5}
     assert not list((store / "_staging").rglob("*.arrow"))
+
+
+def test_train_score_similar_neighbours_from_the_command_line(labelled_store, tmp_path):
+    import shutil
+
+    src, labels, _ = labelled_store
+    store = str(tmp_path / "store")
+    shutil.copytree(src, store, ignore=shutil.ignore_patterns("mlflow", "scores",
+                                                              "neighbours"))
+    mtag("train", "--store", store, "--labels", labels, "--model", "linear",
+         "--registered-name", "cli-tagger", "--workdir", str(tmp_path / "work"))
+    out = mtag("score", "--store", store, "--model-uri", "models:/cli-tagger@champion",
+               "--workers", "2", "--no-progress", "--json").stdout
+    assert "Scored 48 tracks" in out and "cli-tagger v1" in out
+    summary = json.loads(out[out.index("{"):])
+    assert summary["tracks"] == 48 and summary["model_version"] == "1"
+    assert "Nothing to do" in mtag("score", "--store", store, "--model-uri",
+                                   "models:/cli-tagger/1", "--workers", "2").stdout
+
+    path = json.loads(mtag("query", "--store", store, "--format", "json",
+                           "SELECT path FROM scores ORDER BY track_id LIMIT 1").stdout)[0]["path"]
+    similar = json.loads(mtag("similar", path, "--store", store, "--k", "3",
+                              "--format", "json").stdout)
+    assert [r["rank"] for r in similar] == [1, 2, 3] and path not in {r["path"] for r in similar}
+    assert similar[0]["similarity"] >= similar[-1]["similarity"]
+    out = mtag("neighbours", "--store", store, "--k", "3", "--workers", "2").stdout
+    assert "48 tracks x 3 (exact search)" in out
+    counts = json.loads(mtag("query", "--store", store, "--format", "json",
+                             "SELECT (SELECT count(*) FROM neighbours) AS pairs, (SELECT "
+                             "sum(n) FROM (SELECT count(*) AS n FROM scores GROUP BY label)) "
+                             "AS tagged").stdout)[0]
+    assert counts == {"pairs": 48 * 3, "tagged": 48}
+
+    bad = mtag("score", "--store", store, "--model-uri", "models:/nope@champion", check=False)
+    assert bad.returncode == 2 and "no registered model version" in bad.stderr

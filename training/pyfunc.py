@@ -8,9 +8,15 @@ Output: class probabilities ``(batch, n_classes)`` in ``meta['classes']`` order,
 
 from __future__ import annotations
 
+import warnings
+
 import mlflow.pyfunc
 
 from training import artifact
+
+
+# the input is a tensor or a frame, described by the logged signature instead of type hints
+warnings.filterwarnings("ignore", message="Add type hints to the `predict` method")
 
 
 class TaggerPyfunc(mlflow.pyfunc.PythonModel):
