@@ -198,6 +198,15 @@ class ScoreStore:
         target = f"{self.model_root(model.name, model.version)}/model.json"
         if not self.store.fs.exists(target):
             self.store._write_json(target, model.to_dict() | {"registered_at": _now()})
+            return
+        known = self.store._read_json(target)
+        if known.get("run_id") != model.run_id:
+            raise StoreError(
+                f"this store holds scores of {model.name} v{model.version} from MLflow run "
+                f"{known.get('run_id')}, but the registry's v{model.version} is run "
+                f"{model.run_id}: is MLFLOW_TRACKING_URI pointing at another registry? "
+                "Register under another name, or delete "
+                f"{self.model_root(model.name, model.version)} to score again.")
 
     def models(self) -> list[dict[str, Any]]:
         """Every scored model version's record with its part count and last commit, oldest

@@ -85,7 +85,8 @@ class FeatureStore:
 
     def __init__(self, url: str, *, create: bool = False) -> None:
         self.url = url.rstrip("/")
-        self.fs, self.root = fsspec.core.url_to_fs(self.url)
+        # other processes (Dask workers) write here: never answer from a stale listing
+        self.fs, self.root = fsspec.core.url_to_fs(self.url, use_listings_cache=False)
         self.is_local = isinstance(self.fs, LocalFileSystem)
         if self.is_local:
             self.root = os.path.abspath(self.root)
@@ -203,8 +204,10 @@ class FeatureStore:
         self.fs.makedirs(final.rsplit("/", 1)[0], exist_ok=True)
         if self.is_local:
             os.rename(staged_dir, final)
-        else:
-            self.fs.mv(staged_dir, final, recursive=True)
+        else:  # object stores have no folders and no rename: copy each object, then delete
+            for path in self.fs.find(staged_dir):
+                self.fs.copy(path, f"{final}/{path[len(staged_dir):].lstrip('/')}")
+            self.fs.rm(staged_dir, recursive=True)
         self._write_json(record, data | {"committed_at": _now()})
         return True
 

@@ -34,7 +34,7 @@ from featurestore.store import FeatureStore
 from flows.cluster import dask_cluster
 from flows.prefect_api import prefect_api
 from flows.progress import Progress
-from flows.report import publish
+from flows.report import publish, run_id
 from tasks.errors import ParameterError, StoreError
 from tasks.similarity import AnnIndex, Neighbours, exact_search
 
@@ -262,8 +262,8 @@ def neighbours_flow(store: str, k: int = 10, model: str | None = None, method: s
             raise StoreError("need at least two scored tracks for neighbours")
         resolved = method if method != "auto" else (
             "exact" if n <= EXACT_MAX_TRACKS else "ann")
-        run_id = f"r-{time.strftime('%Y%m%dT%H%M%S')}-{uuid.uuid4().hex[:6]}"
-        run_dir = scores.neighbours_run_dir(chosen.name, chosen.version, run_id)
+        nb_run = f"r-{time.strftime('%Y%m%dT%H%M%S')}-{uuid.uuid4().hex[:6]}"
+        run_dir = scores.neighbours_run_dir(chosen.name, chosen.version, nb_run)
         fstore.fs.makedirs(run_dir, exist_ok=True)
         with fstore.fs.open(f"{run_dir}/embeddings.npy", "wb") as fh:
             np.save(fh, emb)
@@ -286,7 +286,7 @@ def neighbours_flow(store: str, k: int = 10, model: str | None = None, method: s
                 parts.append(future.result())
                 bar.advance(b - a)
         scores.commit_neighbours(chosen.name, chosen.version, {
-            "run_id": run_id, "k": k, "method": resolved, "tracks": n, "parts": sorted(parts),
+            "run_id": nb_run, "k": k, "method": resolved, "tracks": n, "parts": sorted(parts),
             "source_digest": digest, "ann": ANN_PARAMS | {"backend": ANN_BACKEND}
             if resolved == "ann" else None, "build_s": build_s})
     wall = time.perf_counter() - started

@@ -48,7 +48,11 @@ def prepare_task(store: str, labels: str, group_column: str | None, valid_size: 
 @task(name="fit-model", cache_policy=NO_CACHE, task_run_name="fit-{model}")
 def fit_task(prep: Prepared, model: str, workdir: str, train_config: TrainConfig,
              model_params: dict[str, Any] | None, name: str) -> dict[str, Any]:
-    with mlflow.start_run(run_name=model, nested=True) as run:
+    parent = mlflow.active_run()
+    # a nested run does not inherit its parent's experiment: without this it would land in
+    # MLflow's "Default" experiment, with artifacts under the working directory
+    with mlflow.start_run(run_name=model, nested=True, experiment_id=parent.info.experiment_id
+                          if parent else None) as run:
         tracking.log_params({
             "model": model, "feature_set": prep.feature_set, "label_set": prep.labels.digest,
             "classes": prep.labels.classes, "multi_label": prep.labels.multi_label,

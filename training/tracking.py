@@ -27,11 +27,20 @@ CANDIDATE, CHAMPION = "candidate", "champion"
 
 
 def configure(store: FeatureStore) -> str:
-    """Point MLflow at ``MLFLOW_TRACKING_URI`` or the store's embedded SQLite; return it."""
+    """Point MLflow at ``MLFLOW_TRACKING_URI`` or the store's embedded SQLite; return it.
+
+    Raises
+    ------
+    StoreError
+        For an object-store store without ``MLFLOW_TRACKING_URI``: a registry must be shared
+        by every machine that scores, so it cannot be a file on one of them.
+    """
     uri = os.environ.get("MLFLOW_TRACKING_URI")
     if not uri:
         if not store.is_local:
-            raise StoreError("a remote store needs MLFLOW_TRACKING_URI (an MLflow server)")
+            raise StoreError(f"store {store.url} is on an object store: set "
+                             "MLFLOW_TRACKING_URI to an MLflow server (`mtag stack up` runs "
+                             "one) or a database URI")
         os.makedirs(store.path("mlflow"), exist_ok=True)
         uri = f"sqlite:///{store.path('mlflow', 'mlflow.db')}"
     mlflow.set_tracking_uri(uri)
@@ -80,13 +89,20 @@ def resolve(model_uri: str) -> dict[str, str]:
 
 
 def experiment(store: FeatureStore, name: str) -> str:
-    """Id of the experiment for registered model ``name`` (created if missing)."""
+    """Id of the experiment for registered model ``name`` (created if missing).
+
+    Artifacts of a new experiment go under ``STORE/mlflow/artifacts/NAME`` (a folder, or the
+    object store the store is on) when MLflow is a database; an MLflow server keeps its own
+    artifact store (``--artifacts-destination``).
+    """
     found = mlflow.get_experiment_by_name(name)
     if found is not None:
         return str(found.experiment_id)
     location = None
-    if not os.environ.get("MLFLOW_TRACKING_URI") and store.is_local:
-        location = "file://" + store.path("mlflow", "artifacts", name)
+    if not mlflow.get_tracking_uri().startswith(("http://", "https://", "databricks")):
+        location = store.uri(store.path("mlflow", "artifacts", name))
+        if store.is_local:
+            location = "file://" + location
     return str(mlflow.create_experiment(name, artifact_location=location))
 
 

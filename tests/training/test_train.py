@@ -96,6 +96,13 @@ def test_train_flow_registers_promotes_and_reloads(labelled_store, mlflow_env, t
     assert str(client.get_model_version_by_alias(name, "champion").version) == "1"
     assert str(client.get_model_version_by_alias(name, "candidate").version) == "1"
     run = client.get_run(first["best"]["run_id"])
+    # the candidate's run, its artifacts and its logged model live in the model's experiment,
+    # inside the store (not in MLflow's Default experiment under the working directory)
+    assert run.info.experiment_id == client.get_experiment_by_name(name).experiment_id
+    assert run.info.artifact_uri.startswith(f"file://{store}/mlflow/artifacts/{name}/")
+    source = client.get_model_version(name, "1").source
+    logged = mlflow.get_logged_model(source.removeprefix("models:/"))
+    assert logged.artifact_location.startswith(f"file://{store}/mlflow/artifacts/{name}/")
     fs = FeatureStore(store).default_feature_set()
     assert run.data.params["feature_set"] == fs
     assert run.data.params["label_set"].startswith("ls-")
