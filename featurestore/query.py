@@ -191,7 +191,8 @@ def _shortest_float32(table: pa.Table) -> pa.Table:
 
 def _plain_decimals(table: pa.Table) -> pa.Table:
     """Decimal columns (DuckDB's ``sum`` of integers is a 128-bit integer) as JSON numbers:
-    int64 when the scale is 0 and every value fits, float64 otherwise."""
+    int64 when the scale is 0 and every value fits, float64 otherwise.
+    """
     for i, field in enumerate(table.schema):
         if pa.types.is_decimal(field.type):
             column = table.column(i)

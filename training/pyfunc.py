@@ -14,7 +14,6 @@ import mlflow.pyfunc
 
 from training import artifact
 
-
 # the input is a tensor or a frame, described by the logged signature instead of type hints
 warnings.filterwarnings("ignore", message="Add type hints to the `predict` method")
 
