@@ -41,6 +41,11 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--full", action="store_true", help="paper-sized models")
     ap.add_argument("--device")
+    ap.add_argument("--balance", action="store_true", help="class-balanced loss")
+    ap.add_argument("--specaugment", action="store_true")
+    ap.add_argument("--mixup", type=float, default=0.0)
+    ap.add_argument("--lr", type=float, default=1e-3)
+    ap.add_argument("--params", help='JSON of model config overrides, e.g. {"cnn": {...}}')
     args = ap.parse_args()
 
     from featurestore.store import FeatureStore
@@ -61,12 +66,17 @@ def main() -> None:
     work = tempfile.mkdtemp(prefix="mtag-train-bench-")
     for model in args.models:
         params = None if args.full else CPU_PARAMS.get(model)
+        if args.params:
+            params = json.loads(args.params).get(model, params)
         tc = TrainConfig(epochs=args.epochs, patience=args.patience, batch_size=args.batch_size,
-                         seed=args.seed, device=args.device)
+                         seed=args.seed, device=args.device, balance=args.balance,
+                         specaugment=args.specaugment, mixup_alpha=args.mixup, lr=args.lr)
         t0 = time.perf_counter()
         out = fit(prep, model, work, train_config=tc, model_params=params)
         wall = time.perf_counter() - t0
-        row = {"model": model, "params": params or {}, "test_accuracy": out.test_track["accuracy"],
+        row = {"model": model, "params": params or {}, "train": tc.to_dict(),
+               "test_accuracy": out.test_track["accuracy"],
+               "per_class_f1": {r["class"]: r["f1"] for r in out.test_track["per_class"]},
                "test_macro_f1": out.test_track["macro_f1"],
                "test_segment_accuracy": out.test_segment["accuracy"],
                "valid_macro_f1": out.valid["macro_f1"], "epochs": len(out.history),

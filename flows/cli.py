@@ -126,6 +126,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         "seed": args.seed, "max_steps": args.max_steps, "device": args.device,
         "specaugment": args.specaugment or None, "mixup_alpha": args.mixup,
         "crop_frames": args.crop_frames, "patience": args.patience,
+        "balance": args.balance or None,
     }.items() if v is not None}
     params = json.loads(args.model_params) if args.model_params else None
     result = train_model(store=args.store, labels=args.labels, model=args.model,
@@ -268,6 +269,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-steps", type=int)
     p.add_argument("--device", help="cpu, cuda, cuda:1 (default: cuda when present)")
     p.add_argument("--specaugment", action="store_true")
+    p.add_argument("--balance", action="store_true",
+                   help="weight the loss by inverse class frequency (helps rare classes)")
     p.add_argument("--mixup", type=float, help="mixup alpha (0 = off)")
     p.add_argument("--crop-frames", type=int, help="random crops of this many frames")
     p.add_argument("--model-params", help='JSON of model config fields, e.g. {"channels": 64}')

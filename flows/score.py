@@ -111,13 +111,14 @@ def plan_parts(manifests: list[ShardManifest], done: set[str], model: ScoredMode
     total = sum(m.n_segments for m in todo)
     n = min(len(todo), max(2 * workers, math.ceil(total / max_segments)))
     target = max(1.0, total / n)
-    groups: list[list[ShardManifest]] = [[] for _ in range(n)]
-    acc, last = 0.0, 0
-    for m in todo:
-        k = max(min(n - 1, int((acc + m.n_segments / 2) / target)), last)
-        groups[k].append(m)
-        last = k
-        acc += m.n_segments
+    groups: list[list[ShardManifest]] = [[]]
+    size = 0
+    for m in todo:  # contiguous: close a part at the target, never pass the cap
+        if groups[-1] and (size >= target or size + m.n_segments > max_segments):
+            groups.append([])
+            size = 0
+        groups[-1].append(m)
+        size += m.n_segments
     plans = [ScorePlan(part_id_of(model, [m.shard_id for m in g]),
                        tuple(m.shard_id for m in g), sum(m.n_ok for m in g),
                        sum(m.n_segments for m in g)) for g in groups if g]

@@ -30,13 +30,34 @@ def test_flows_are_prefect_flows():
     from prefect import Flow
 
     from flows.ingest import ingest_flow
+    from flows.score import score_flow
+    from flows.similar import neighbours_flow
     from flows.train import train_model
 
-    assert isinstance(ingest_flow, Flow) and ingest_flow.name == "ingest"
-    assert isinstance(train_model, Flow) and train_model.name == "train-model"
+    for fn, name in ((ingest_flow, "ingest"), (train_model, "train-model"),
+                     (score_flow, "score"), (neighbours_flow, "neighbours")):
+        assert isinstance(fn, Flow) and fn.name == name
 
 
-@pytest.mark.parametrize("command", ["ingest", "query", "train", "evaluate", "demo"])
+def test_every_deployment_entry_point_is_a_flow():
+    import importlib
+
+    from prefect import Flow
+
+    from infra.deployments import SPECS
+
+    assert {s.full_name for s in SPECS} == {"scheduled-ingest/nightly-catalogue-ingest",
+                                            "scheduled-retrain/weekly-retrain",
+                                            "scheduled-score/score-new-tracks"}
+    for spec in SPECS:
+        path, attr = spec.entrypoint.split(":")
+        fn = getattr(importlib.import_module(path.removesuffix(".py").replace("/", ".")), attr)
+        assert isinstance(fn, Flow) and fn.name == spec.flow_name
+
+
+@pytest.mark.parametrize("command", ["ingest", "query", "train", "evaluate", "score",
+                                     "similar", "neighbours", "stack", "deploy", "settings",
+                                     "demo"])
 def test_every_command_has_help(command):
     out = subprocess.run([sys.executable, "-m", "flows.cli", command, "--help"],
                          capture_output=True, text=True, timeout=120)

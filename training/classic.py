@@ -15,16 +15,20 @@ CLASSIC_MODELS = ("linear", "gbm")
 
 
 def build_classic(name: str, *, multi_label: bool, seed: int = 0,
-                  params: dict[str, Any] | None = None) -> Pipeline:
-    """A scaler + classifier pipeline (one-vs-rest for multi-label)."""
+                  params: dict[str, Any] | None = None, balance: bool = False) -> Pipeline:
+    """A scaler + classifier pipeline (one-vs-rest for multi-label); ``balance`` weights
+    classes by inverse frequency.
+    """
     params = params or {}
+    weight = "balanced" if balance else None
     if name == "linear":
         clf: Any = LogisticRegression(C=params.get("C", 1.0), max_iter=params.get("max_iter",
-                                                                                  3000))
+                                                                                  3000),
+                                      class_weight=weight)
     elif name == "gbm":
         clf = HistGradientBoostingClassifier(
             max_iter=params.get("max_iter", 300), learning_rate=params.get("lr", 0.1),
-            early_stopping="auto", random_state=seed)
+            early_stopping="auto", random_state=seed, class_weight=weight)
     else:
         raise ValueError(f"unknown classic model {name!r}; choose from {CLASSIC_MODELS}")
     if multi_label:

@@ -37,6 +37,7 @@ class TrainConfig:
     crop_frames: int | None = None
     specaugment: bool = False
     mixup_alpha: float = 0.0
+    balance: bool = False  # weight the loss by inverse class frequency (rare classes count)
     num_workers: int | None = None  # default: 0 on CPU, 4 on CUDA
     max_steps: int | None = None  # stop early (smoke tests, benchmarks)
     device: str | None = None  # default: cuda when available
@@ -76,16 +77,43 @@ def pick_device(name: str | None = None) -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
-def loss_fn(logits: torch.Tensor, target: torch.Tensor, multi_label: bool) -> torch.Tensor:
-    """Soft-target cross entropy (single label) or binary cross entropy (multi-label)."""
+def loss_fn(logits: torch.Tensor, target: torch.Tensor, multi_label: bool,
+            class_weights: torch.Tensor | None = None) -> torch.Tensor:
+    """Soft-target cross entropy (single label) or binary cross entropy (multi-label).
+
+    ``class_weights`` ``(n_classes,)`` weight each example by its (soft) target's classes, or
+    each class's positives for multi-label (see :func:`balanced_weights`).
+    """
     logits = logits.float()
     if multi_label:
-        return F.binary_cross_entropy_with_logits(logits, target)
-    return F.cross_entropy(logits, target)
+        return F.binary_cross_entropy_with_logits(logits, target, pos_weight=class_weights)
+    if class_weights is None:
+        return F.cross_entropy(logits, target)
+    per_example = -(target * F.log_softmax(logits, dim=-1)).sum(-1)
+    weight = target @ class_weights
+    return (per_example * weight).sum() / weight.sum().clamp_min(1e-12)
+
+
+def balanced_weights(targets: np.ndarray, *, multi_label: bool, cap: float = 10.0
+                     ) -> torch.Tensor:
+    """Class weights from training targets ``(n, n_classes)``.
+
+    Single label: ``n / (n_classes * count)``, so every class weighs the same in the loss;
+    multi-label: positives weighted ``negatives / positives``. Capped at ``cap``; classes
+    absent from training get weight 1.
+    """
+    counts = targets.sum(0).astype(np.float64)
+    n, k = targets.shape
+    if multi_label:
+        w = np.where(counts > 0, (n - counts) / np.maximum(counts, 1), 1.0)
+    else:
+        w = np.where(counts > 0, n / (k * np.maximum(counts, 1e-12)), 1.0)
+    return torch.tensor(np.clip(w, 1.0 / cap, cap), dtype=torch.float32)
 
 
 def train(model: Tagger, train_ds: Dataset, valid_ds: Dataset, config: TrainConfig, *,
           multi_label: bool, score: Callable[[Tagger], float],
+          class_weights: torch.Tensor | None = None,
           checkpoint_dir: str | None = None, resume: bool = True,
           on_epoch: Callable[[int, dict[str, float]], None] | None = None) -> TrainResult:
     """Train ``model``; keep the weights with the best ``score`` (higher is better).
@@ -109,6 +137,7 @@ def train(model: Tagger, train_ds: Dataset, valid_ds: Dataset, config: TrainConf
     device = pick_device(config.device)
     cuda = device.type == "cuda"
     model.to(device)
+    weights = class_weights.to(device) if class_weights is not None else None
     workers = config.num_workers if config.num_workers is not None else (4 if cuda else 0)
     loader = DataLoader(train_ds, batch_size=config.batch_size, shuffle=True, drop_last=False,
                         num_workers=workers, pin_memory=cuda, generator=generator,
@@ -160,7 +189,7 @@ def train(model: Tagger, train_ds: Dataset, valid_ds: Dataset, config: TrainConf
             x, y = mixup(x, y, config.mixup_alpha, generator=generator)
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cuda):
                 logits = model(x)
-            loss = loss_fn(logits, y, multi_label)
+            loss = loss_fn(logits, y, multi_label, weights)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()

@@ -25,7 +25,15 @@ from training.classic import CLASSIC_MODELS, build_classic, fit_classic
 from training.data import SegmentDataset, SplitRows, row_statistics, split_rows, summary_frame
 from training.evaluate import aggregate_tracks, confidence_threshold, report
 from training.labels import LabelSet, match_labels, read_labels
-from training.loop import TrainConfig, TrainResult, pick_device, predict, seed_everything, train
+from training.loop import (
+    TrainConfig,
+    TrainResult,
+    balanced_weights,
+    pick_device,
+    predict,
+    seed_everything,
+    train,
+)
 from training.models import MODEL_CONFIGS, build_model
 
 MODEL_NAMES = (*MODEL_CONFIGS, *CLASSIC_MODELS)
@@ -128,7 +136,7 @@ def fit(prep: Prepared, model: str, workdir: str, *, train_config: TrainConfig |
         parts = prep.parts("summary")
         x = table[columns].to_numpy(np.float32)
         est = build_classic(model, multi_label=labels.multi_label, seed=tc.seed,
-                            params=model_params)
+                            params=model_params, balance=tc.balance)
         fit_classic(est, x[parts["train"].rows], parts["train"].targets,
                     multi_label=labels.multi_label)
         meta = base_meta | {"input": "summary", "columns": columns,
@@ -156,8 +164,11 @@ def fit(prep: Prepared, model: str, workdir: str, *, train_config: TrainConfig |
                                 multi_label=labels.multi_label)["macro_f1"])
 
         ckpt = os.path.join(workdir, model, "checkpoints")
+        weights = balanced_weights(parts["train"].targets, multi_label=labels.multi_label) \
+            if tc.balance and len(parts["train"]) else None
         result = train(net, train_ds, valid_ds, tc, multi_label=labels.multi_label,
-                       score=score, checkpoint_dir=ckpt, resume=resume, on_epoch=on_epoch)
+                       score=score, class_weights=weights, checkpoint_dir=ckpt, resume=resume,
+                       on_epoch=on_epoch)
         net.cpu()
         meta = base_meta | {"input": cfg.input, "model_config": cfg.to_dict(),
                             "shape": list(reader.shapes[cfg.input])}

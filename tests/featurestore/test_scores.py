@@ -130,3 +130,15 @@ def test_missing_model_is_an_error(tmp_path):
         ScoreStore(store).model("nope", "1")
     with pytest.raises(StoreError, match="no scores yet"):
         ScoreStore(store).latest()
+
+
+def test_same_version_from_another_registry_is_refused(tmp_path):
+    import dataclasses
+
+    store = FeatureStore(str(tmp_path / "store"), create=True)
+    scores = ScoreStore(store)
+    scores.register_model(MODEL)
+    scores.register_model(MODEL)  # the same run again: fine
+    other = dataclasses.replace(MODEL, run_id="x" * 32)
+    with pytest.raises(StoreError, match="another registry"):
+        scores.register_model(other)

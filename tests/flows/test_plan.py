@@ -54,3 +54,20 @@ def test_track_cap_never_overflows():
     shards = plan_shards(records, "fs-x", shard_minutes=1000, workers=1, max_tracks=20)
     assert sum(len(s.tracks) for s in shards) == 60
     assert max(len(s.tracks) for s in shards) <= 20
+
+
+def test_score_parts_cover_each_unscored_shard_once_and_balance_segments():
+    from featurestore.scores import ScoredModel
+    from featurestore.store import ShardManifest
+    from flows.score import plan_parts
+
+    model = ScoredModel("m", "1", "r", "fs-x", ["a"], False, 0.5, 4, "logmel", "cnn")
+    shards = [ShardManifest(f"s-{i:02d}", "fs-x", 10, 9, 1, 100 + 10 * i, 60.0)
+              for i in range(12)]
+    done = {"s-00", "s-05"}
+    plans = plan_parts(shards, done, model, workers=2, max_segments=400)
+    covered = [s for p in plans for s in p.shards]
+    assert sorted(covered) == sorted(m.shard_id for m in shards if m.shard_id not in done)
+    assert len(plans) >= 4 and all(p.n_segments <= 400 for p in plans)
+    assert plans == plan_parts(shards, done, model, workers=2, max_segments=400)  # stable ids
+    assert plan_parts(shards, {m.shard_id for m in shards}, model, workers=2) == []
