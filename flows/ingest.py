@@ -21,7 +21,7 @@ from prefect_dask import DaskTaskRunner
 from featurestore.sources import SourceFile, discover
 from featurestore.store import FeatureStore, ShardManifest
 from flows.cluster import dask_cluster
-from flows.extract import probe_files, run_shard, warm_worker
+from flows.extract import probe_files, probe_one, run_shard, warm_worker
 from flows.plan import batches, dedupe, plan_shards, triage
 from flows.prefect_api import prefect_api
 from flows.progress import Progress
@@ -32,6 +32,10 @@ from tasks.config import FeatureConfig
 log = logging.getLogger("mtag")
 
 PROBE_BATCH_MAX = 2000
+PROBE_LOCAL_MAX = 256
+"""Up to this many files are probed by threads of the flow process: a round of Prefect tasks
+costs about a second, more than hashing and reading the headers of a few hundred files (a
+nightly run that finds a handful of new files starts extracting at once)."""
 
 
 @dataclass
@@ -155,6 +159,11 @@ def ingest_flow(source: str, store: str, config: dict[str, Any] | None = None,
 def _probe(files: list[SourceFile], workers: int, progress: bool) -> list[ProbeRecord]:
     if not files:
         return []
+    if len(files) <= PROBE_LOCAL_MAX:
+        from concurrent.futures import ThreadPoolExecutor
+
+        with ThreadPoolExecutor(max_workers=max(2, workers)) as pool:
+            return list(pool.map(probe_one, files))
     futures = probe_task.map(batches(files, 2 * workers, PROBE_BATCH_MAX))
     records: list[ProbeRecord] = []
     with Progress("probe", total=len(files), unit="files", enabled=progress) as bar:

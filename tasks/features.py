@@ -31,6 +31,7 @@ import librosa
 import numpy as np
 import scipy.fft
 
+from tasks import kernels
 from tasks.config import FeatureConfig
 
 SCALAR_FEATURES: tuple[str, ...] = (
@@ -44,6 +45,11 @@ SCALAR_FEATURES: tuple[str, ...] = (
 """Names of the one-value-per-frame features, in storage order."""
 
 _TINY32 = float(np.finfo(np.float32).tiny)
+
+MEL_GROUP = 16
+"""Mel bands multiplied together: each group only over the bins its filters cover (measured
+on 1,024 frames: 0.5 ms against 2.8 ms for the dense product; groups of 8, 32 and 64 were
+slower)."""
 
 
 @dataclass
@@ -121,6 +127,7 @@ class SpectralExtractor:
         dct = scipy.fft.dct(np.eye(c.n_mels), type=2, norm="ortho", axis=0)[: c.n_mfcc]
         self.dct_t = np.ascontiguousarray(dct.T.astype(np.float32))
         self.bands = _contrast_bands(self.freqs, c)
+        self.mel_groups = _bank_groups(self.mel_basis_t, MEL_GROUP)
         self._silence = self.frames(np.zeros(c.n_fft, dtype=np.float32), 1)
 
     def silence(self, n_frames: int) -> FrameFeatures:
@@ -158,7 +165,9 @@ class SpectralExtractor:
         power = mag * mag
         del spec
 
-        mel = power @ self.mel_basis_t
+        mel = np.empty((n_frames, c.n_mels), dtype=np.float32)
+        for g0, g1, lo, hi, weights in self.mel_groups:  # banded: 5x fewer products
+            mel[:, g0:g1] = power[:, lo:hi] @ weights
         logmel = 10.0 * np.log10(np.maximum(mel, np.float32(c.amin)))
         mfcc = logmel @ self.dct_t
 
@@ -167,19 +176,8 @@ class SpectralExtractor:
         chroma /= np.where(cmax < _TINY32, np.float32(1.0), cmax)
 
         scalars = np.empty((n_frames, len(SCALAR_FEATURES)), dtype=np.float32)
-        total = mag.sum(axis=-1)
-        norm = np.where(total < _TINY32, np.float32(1.0), total)
-        centroid = (mag @ self.freqs) / norm
-        scalars[:, 0] = centroid
-        deviation = self.freqs[None, :] - centroid[:, None]
-        deviation *= deviation
-        deviation *= mag
-        scalars[:, 1] = np.sqrt(deviation.sum(axis=-1) / norm)
-        del deviation
-        cumulative = np.cumsum(mag, axis=-1)
-        threshold = np.float32(c.rolloff_percent) * cumulative[:, -1:]
-        scalars[:, 2] = self.freqs[np.argmax(cumulative >= threshold, axis=-1)]
-        del cumulative
+        # centroid, bandwidth, rolloff: one compiled pass per frame
+        kernels.spectral_shape(mag, self.freqs, c.rolloff_percent, scalars)
         floor = np.maximum(power, np.float32(1e-10))
         gmean = np.exp(np.log(floor).mean(axis=-1))
         scalars[:, 3] = gmean / floor.mean(axis=-1)
@@ -249,11 +247,30 @@ def _zero_crossing_rate(
 def _frame_rms(y: np.ndarray, n_frames: int, frame_length: int, hop: int) -> np.ndarray:
     """Root mean square of each frame of ``y`` (librosa's time-domain rms)."""
     need = (n_frames - 1) * hop + frame_length
-    cumulative = np.zeros(need + 1)
-    np.cumsum(np.square(y[:need], dtype=np.float64), out=cumulative[1:])
-    starts = np.arange(n_frames) * hop
-    energy = np.maximum(cumulative[starts + frame_length] - cumulative[starts], 0.0)
+    if frame_length % hop == 0:  # a frame is whole hops: sum each hop once, then add up
+        per = frame_length // hop
+        blocks = np.square(y[:need].reshape(-1, hop), dtype=np.float64).sum(axis=1)
+        window = np.lib.stride_tricks.sliding_window_view(blocks, per)
+        energy = window.sum(axis=1)[:n_frames]
+    else:
+        cumulative = np.zeros(need + 1)
+        np.cumsum(np.square(y[:need], dtype=np.float64), out=cumulative[1:])
+        starts = np.arange(n_frames) * hop
+        energy = np.maximum(cumulative[starts + frame_length] - cumulative[starts], 0.0)
     return np.sqrt(energy / frame_length).astype(np.float32)
+
+
+def _bank_groups(bank_t: np.ndarray, size: int
+                 ) -> list[tuple[int, int, int, int, np.ndarray]]:
+    """Split a ``(F, bands)`` filter bank into groups of ``size`` bands, each with the bin
+    range ``[lo, hi)`` where any of its filters is non-zero and that block of weights."""
+    groups = []
+    for g0 in range(0, bank_t.shape[1], size):
+        g1 = min(bank_t.shape[1], g0 + size)
+        nz = np.flatnonzero(np.any(bank_t[:, g0:g1] != 0, axis=1))
+        lo, hi = (int(nz[0]), int(nz[-1]) + 1) if len(nz) else (0, 1)
+        groups.append((g0, g1, lo, hi, np.ascontiguousarray(bank_t[lo:hi, g0:g1])))
+    return groups
 
 
 def _contrast_bands(freqs: np.ndarray, c: FeatureConfig) -> list[tuple[int, int, int]]:
@@ -292,7 +309,8 @@ def _contrast_peak_valley(
             valley[:, b] = sub.min(axis=-1)
             peak[:, b] = sub.max(axis=-1)
             continue
-        # a full SIMD sort along the contiguous axis beats np.partition by 4-5x here
+        # a full SIMD sort along the contiguous axis beats np.partition by 4-5x here (and a
+        # compiled running selection of the extremes by 1.7x)
         ordered = np.sort(sub, axis=-1)
         valley[:, b] = ordered[:, :count].mean(axis=-1)
         peak[:, b] = ordered[:, -count:].mean(axis=-1)
