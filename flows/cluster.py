@@ -79,7 +79,12 @@ def dask_cluster(address: str | None = None, *, n_workers: int | None = None,
         return
     import dask
 
-    environ = {f"distributed.nanny.pre-spawn-environ.{k}": v for k, v in WORKER_ENV.items()}
+    environ: dict[str, Any] = {f"distributed.nanny.pre-spawn-environ.{k}": v
+                               for k, v in WORKER_ENV.items()}
+    # Prefect's task engine imported before the worker takes tasks: imported by the first task
+    # while a warm-up task imports it too, two threads raced on the module lock ("Failed to
+    # initialize plugins: deadlock detected")
+    environ["distributed.worker.preload"] = ["prefect.task_engine"]
     with dask.config.set(environ), LocalCluster(
         n_workers=n_workers or default_workers(), threads_per_worker=1, processes=True,
         host="127.0.0.1", dashboard_address="127.0.0.1:0", memory_limit=memory_limit,
