@@ -13,11 +13,13 @@ from __future__ import annotations
 import atexit
 import contextlib
 import os
+import threading
 from collections.abc import Iterator
 from typing import Any
 
 _server: Any = None
 _started = False
+_lock = threading.Lock()
 
 
 class PrefectApi:
@@ -25,23 +27,75 @@ class PrefectApi:
 
     def __init__(self, url: str, server: Any, timeout: int) -> None:
         self.url, self._server, self._timeout = url, server, timeout
+        self._thread: threading.Thread | None = None
+        self._error: BaseException | None = None
 
     def start(self) -> str:
         """Make sure the API answers (starts the temporary server once); return its URL."""
-        global _started
-        if self._server is not None and not _started:
-            self._server.start(timeout=self._timeout)
-            atexit.register(self._server.stop)
-            _started = True
+        if self._thread is not None:
+            self._thread.join()
+            self._thread = None
+            if self._error is not None:
+                raise self._error
+        self._boot()
         return self.url
+
+    def _boot(self) -> None:
+        global _started
+        with _lock:
+            if self._server is not None and not _started:
+                self._server.start(timeout=self._timeout)
+                atexit.register(self._server.stop)
+                _started = True
+
+    def start_in_background(self) -> None:
+        """Begin starting the temporary server in a thread; :meth:`start` waits for it."""
+        if self._server is None or _started or self._thread is not None:
+            return
+
+        def run() -> None:
+            try:
+                self._boot()
+            except BaseException as exc:  # re-raised by start() in the caller's thread
+                self._error = exc
+
+        self._thread = threading.Thread(target=run, name="prefect-api-start", daemon=True)
+        self._thread.start()
+
+
+class _LazyServer:
+    """Prefect's ``SubprocessASGIServer`` on a port chosen here, imported when started."""
+
+    def __init__(self, port: int) -> None:
+        self.port = port
+        self.api_url = f"http://127.0.0.1:{port}/api"
+        self._server: Any = None
+
+    def start(self, timeout: int) -> None:
+        from prefect.server.api.server import SubprocessASGIServer
+
+        self._server = SubprocessASGIServer(port=self.port)
+        self._server.start(timeout=timeout)
+
+    def stop(self) -> None:
+        if self._server is not None:
+            self._server.stop()
+
+
+def _free_port() -> int:
+    import socket
+
+    with contextlib.closing(socket.socket()) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
 
 
 @contextlib.contextmanager
 def prefect_api(timeout: int = 120, *, start: bool = True) -> Iterator[PrefectApi]:
     """Yield the API for this process's runs, reserving a temporary local one if none is set.
 
-    With ``start=False`` the temporary server's port is reserved and exported but the server
-    is started only by :meth:`PrefectApi.start`.
+    With ``start=False`` the temporary server's port is reserved and exported and the server
+    boots in a background thread; :meth:`PrefectApi.start` waits until it answers.
     """
     global _server
     from prefect.settings import PREFECT_API_URL, get_current_settings, temporary_settings
@@ -51,14 +105,13 @@ def prefect_api(timeout: int = 120, *, start: bool = True) -> Iterator[PrefectAp
         os.environ.setdefault("PREFECT_API_URL", str(configured))
         yield PrefectApi(str(configured), None, timeout)
         return
-    if _server is None:
-        from prefect.server.api.server import SubprocessASGIServer
-
-        probe = SubprocessASGIServer()  # the default instance only finds a free port here
-        _server = SubprocessASGIServer(port=probe.find_available_port())
-    api = PrefectApi(str(_server.api_url), _server, timeout)
+    if _server is None:  # the server module is imported (~3 s) by the thread that boots it
+        _server = _LazyServer(_free_port())
+    api = PrefectApi(_server.api_url, _server, timeout)
     os.environ["PREFECT_API_URL"] = api.url
     with temporary_settings({PREFECT_API_URL: api.url}):
         if start:
             api.start()
+        else:  # boots while the caller starts its cluster; api.start() waits for it
+            api.start_in_background()
         yield api
