@@ -27,12 +27,15 @@ class TensorIndex:
     track_id: np.ndarray  # object array of str
     segment: np.ndarray  # int32
     valid_frames: np.ndarray  # int32
-    shard: np.ndarray  # int32, position in TensorReader.tables
-    row: np.ndarray  # int64, row within that shard
+    chunk: np.ndarray  # int32, position in TensorReader.chunks (a record batch of a shard)
+    row: np.ndarray  # int64, row within that record batch
 
 
 class TensorReader:
     """Dense tensors of one feature set, memory-mapped.
+
+    Rows are served as views into the record batches of the memory-mapped files: nothing is
+    concatenated or copied, so reading a whole catalogue's tensors costs page cache, not RAM.
 
     Parameters
     ----------
@@ -44,21 +47,26 @@ class TensorReader:
     def __init__(self, store: FeatureStore, feature_set: str | None = None) -> None:
         self.store = store
         self.feature_set = feature_set or store.default_feature_set()
-        self.tables: list[pa.Table] = []
+        self.chunks: list[pa.RecordBatch] = []
         self.shapes: dict[str, tuple[int, int]] = {}
         parts = []
-        for i, path in enumerate(store.files(self.feature_set, "tensors")):
+        for path in store.files(self.feature_set, "tensors"):
             table = _read_ipc(store, path)
             meta = read_metadata(table.schema)
             if meta["feature_set"] != self.feature_set:
                 raise SchemaError(f"{path}: feature set {meta['feature_set']} in a "
                                   f"{self.feature_set} shard")
             self.shapes = {k: (int(v[0]), int(v[1])) for k, v in meta["shapes"].items()}
-            self.tables.append(table)
-            n = table.num_rows
-            parts.append((table["track_id"].to_numpy(zero_copy_only=False),
-                          table["segment"].to_numpy(), table["valid_frames"].to_numpy(),
-                          np.full(n, i, np.int32), np.arange(n, dtype=np.int64)))
+            for batch in table.to_batches():
+                if batch.num_rows == 0:
+                    continue
+                n = batch.num_rows
+                parts.append((batch.column("track_id").to_numpy(zero_copy_only=False),
+                              batch.column("segment").to_numpy(),
+                              batch.column("valid_frames").to_numpy(),
+                              np.full(n, len(self.chunks), np.int32),
+                              np.arange(n, dtype=np.int64)))
+                self.chunks.append(batch)
         if parts:
             cols = [np.concatenate(c) for c in zip(*parts, strict=True)]
         else:
@@ -72,15 +80,15 @@ class TensorReader:
 
     def matrix(self, name: str, i: int) -> np.ndarray:
         """Row ``i``'s ``name`` (``"logmel"`` or ``"mfcc"``) as a read-only ``(rows, F)`` view."""
-        shard, row = int(self.index.shard[i]), int(self.index.row[i])
-        return self._flat(shard, name)[row]
+        chunk, row = int(self.index.chunk[i]), int(self.index.row[i])
+        return self._flat(chunk, name)[row]
 
-    def _flat(self, shard: int, name: str) -> np.ndarray:
-        key = (shard, name)
+    def _flat(self, chunk: int, name: str) -> np.ndarray:
+        key = (chunk, name)
         if key not in self._values:
-            column = self.tables[shard][name].combine_chunks()
+            column = self.chunks[chunk].column(name)
             rows, frames = self.shapes[name]
-            flat = column.values.to_numpy(zero_copy_only=True)
+            flat = column.flatten().to_numpy(zero_copy_only=True)
             self._values[key] = flat.reshape(len(column), rows, frames)
         return self._values[key]
 

@@ -179,3 +179,31 @@ def test_check_schema_reports_drift():
     import pyarrow as pa
     with pytest.raises(SchemaError, match="missing"):
         check_schema(pa.schema([pa.field("track_id", pa.string())]), TRACKS_SCHEMA, "tracks")
+
+
+def test_reading_every_tensor_copies_nothing(store, monkeypatch):
+    """Rows come from the memory-mapped record batches: no concatenation, no copy in RAM."""
+    import tracemalloc
+
+    from featurestore import writer
+
+    monkeypatch.setattr(writer, "ROWS_PER_BATCH", 4)  # many record batches per shard
+    staged, manifest = write_shard(store, "s-many", [(f"t{i}", 12.0) for i in range(8)])
+    store.commit(staged, manifest)
+    reader = TensorReader(store)
+    assert len(reader) == 32 and len(reader.chunks) > 2
+    import pyarrow as pa
+
+    total = 32 * 128 * C.segment_frames * 4
+    arrow_before = pa.total_allocated_bytes()
+    tracemalloc.start()
+    for i in range(len(reader)):
+        m = reader.matrix("logmel", i)
+        assert not m.flags.owndata and not m.flags.writeable
+        float(m[0, 0])
+    _, peak = tracemalloc.get_traced_memory()  # numpy's allocations
+    tracemalloc.stop()
+    arrow = pa.total_allocated_bytes() - arrow_before  # Arrow's (a concatenation would be here)
+    assert peak < total / 20 and arrow < total / 20, (peak, arrow, total)
+    rows = [i for i in range(len(reader)) if reader.index.track_id[i] == "t3"]
+    assert [int(reader.index.segment[i]) for i in rows] == [0, 1, 2, 3]
