@@ -64,3 +64,11 @@ def test_explicit_split_column_wins():
                           "split": ["test", None, "valid", None]})
     s = split_tracks(frame, seed=0)
     assert s[0] == "test" and s[2] == "valid"
+
+
+def test_auto_tries_the_heavy_models_only_with_data_and_a_gpu():
+    from flows.train import auto_candidates
+
+    assert auto_candidates(100, accelerated=True) == ["linear", "gbm", "mfcc_cnn", "cnn"]
+    assert auto_candidates(5000, accelerated=False) == ["linear", "gbm", "mfcc_cnn", "cnn"]
+    assert auto_candidates(5000, accelerated=True)[-2:] == ["crnn", "short_chunk_resnet"]
