@@ -263,7 +263,8 @@ def _frame_rms(y: np.ndarray, n_frames: int, frame_length: int, hop: int) -> np.
 def _bank_groups(bank_t: np.ndarray, size: int
                  ) -> list[tuple[int, int, int, int, np.ndarray]]:
     """Split a ``(F, bands)`` filter bank into groups of ``size`` bands, each with the bin
-    range ``[lo, hi)`` where any of its filters is non-zero and that block of weights."""
+    range ``[lo, hi)`` where any of its filters is non-zero and that block of weights.
+    """
     groups = []
     for g0 in range(0, bank_t.shape[1], size):
         g1 = min(bank_t.shape[1], g0 + size)

@@ -15,10 +15,8 @@ from __future__ import annotations
 import numba
 import numpy as np
 
-_JIT = {"nogil": True, "cache": True}
 
-
-@numba.njit(**_JIT)
+@numba.njit(nogil=True, cache=True)
 def spectral_shape(mag: np.ndarray, freqs: np.ndarray, rolloff_percent: float,
                    out: np.ndarray) -> None:  # pragma: no cover - compiled
     """Centroid, bandwidth (p=2) and rolloff of each frame into ``out[:, 0:3]``.
