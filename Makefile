@@ -25,8 +25,11 @@ $(STAMP): pyproject.toml constraints.txt
 demo: setup
 	$(BIN)/mtag demo --dir $(DEMO_DIR)
 
+# the whole suite, then ruff and mypy (CI runs this through .ci/run)
 test: setup
 	$(BIN)/python -m pytest -q
+	$(BIN)/ruff check flows tasks featurestore training infra tests bench
+	$(BIN)/mypy
 
 test-fast: setup
 	$(BIN)/python -m pytest -q -m "not slow"
