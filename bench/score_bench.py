@@ -6,7 +6,8 @@
 
 1. Ingests SOURCE into STORE if it has no features yet, and, unless the store's MLflow already
    has ``--name`` (default ``bench-score``) with a champion, trains ``--model`` (default
-   ``cnn``) with ``train_model`` (split 70/10/20, seeded) and registers it.
+   ``mfcc_cnn``, class-balanced, 30 epochs) with ``train_model`` (split 70/10/20, seeded) and
+   registers it.
 2. **Scoring from stored features**: ``run_score`` on the store with W workers, ``--repeats``
    times (the model's scores are deleted before each run, so each run does the full work);
    tracks/s, per worker, and the sum of task compute. Baseline in the same run: the same
@@ -61,7 +62,8 @@ def ensure_model(store: str, labels: str, source: str, name: str, model: str,
     t0 = time.perf_counter()
     out = train_model(store=store, labels=labels, model=model, registered_name=name,
                       valid_size=0.1, test_size=0.2,
-                      train_config={"epochs": epochs, "patience": 4, "seed": 0})
+                      train_config={"epochs": epochs, "patience": 8, "seed": 0,
+                                    "balance": True})
     best = out["best"]
     print(f"  test accuracy {best['test']['accuracy']:.4f}, macro-F1 "
           f"{best['test']['macro_f1']:.4f} ({time.perf_counter() - t0:.0f} s)", flush=True)
@@ -177,8 +179,8 @@ def main() -> None:
     ap.add_argument("--store", default=os.path.join(tempfile.gettempdir(),
                                                     "mtag-bench-score"))
     ap.add_argument("--name", default="bench-score")
-    ap.add_argument("--model", default="cnn")
-    ap.add_argument("--epochs", type=int, default=15)
+    ap.add_argument("--model", default="mfcc_cnn")
+    ap.add_argument("--epochs", type=int, default=30)
     ap.add_argument("--workers", type=int, default=2)
     ap.add_argument("--repeats", type=int, default=2)
     ap.add_argument("--raw-limit", type=int, help="files for the raw-audio run (default all)")
