@@ -62,8 +62,20 @@ def main() -> None:
     prep = prepare(args.store, args.labels, valid_size=0.1, test_size=0.2, seed=args.seed)
     print(prep.labels.report())
     print(f"split (tracks): {prep.split_counts()}")
-    rows = []
+    rows: list[dict] = []
     work = tempfile.mkdtemp(prefix="mtag-train-bench-")
+    import torch
+
+    out_dir = os.path.join(os.path.dirname(__file__), "results")
+    os.makedirs(out_dir, exist_ok=True)
+    path = os.path.join(out_dir, f"train-{dt.datetime.now():%Y%m%d-%H%M%S}.json")
+
+    def save() -> None:  # after every model: a run killed half-way keeps what it finished
+        with open(path + ".tmp", "w") as fh:
+            json.dump({"rows": rows, "split": prep.split_counts(), "torch": torch.__version__,
+                       "device": args.device or ("cuda" if torch.cuda.is_available() else "cpu"),
+                       "threads": torch.get_num_threads(), "source": args.source}, fh, indent=1)
+        os.replace(path + ".tmp", path)
     for model in args.models:
         params = None if args.full else CPU_PARAMS.get(model)
         if args.params:
@@ -86,19 +98,11 @@ def main() -> None:
         print(f"{model:20s} acc {row['test_accuracy']:.4f}  macro-F1 {row['test_macro_f1']:.4f}  "
               f"epochs {row['epochs']:3d}  {wall:7.1f} s  {row['segments_per_s']:8.1f} seg/s  "
               f"{'(' + json.dumps(params) + ')' if params else ''}", flush=True)
+        save()
     print(f"\n{'model':20s} {'accuracy':>9s} {'macro-F1':>9s} {'seg/s':>8s} {'time s':>8s}")
     for r in rows:
         print(f"{r['model']:20s} {r['test_accuracy']:9.4f} {r['test_macro_f1']:9.4f} "
               f"{r['segments_per_s']:8.1f} {r['train_s']:8.1f}")
-    import torch
-
-    out_dir = os.path.join(os.path.dirname(__file__), "results")
-    os.makedirs(out_dir, exist_ok=True)
-    path = os.path.join(out_dir, f"train-{dt.datetime.now():%Y%m%d-%H%M%S}.json")
-    with open(path, "w") as fh:
-        json.dump({"rows": rows, "split": prep.split_counts(), "torch": torch.__version__,
-                   "device": args.device or ("cuda" if torch.cuda.is_available() else "cpu"),
-                   "threads": torch.get_num_threads(), "source": args.source}, fh, indent=1)
     print(f"results written to {path}")
 
 
