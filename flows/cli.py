@@ -108,6 +108,9 @@ def cmd_neighbours(args: argparse.Namespace) -> int:
         print(f"Wrote neighbours of {who}: {out['tracks']} tracks x {out['k']} "
               f"({out['method']} search) in {out['wall_s']:.1f} s. "
               "Query them: mtag query --store STORE \"SELECT * FROM neighbours\"")
+        if out.get("recall") is not None:
+            print(f"  recall@{out['k']} of the approximate index against exact search on "
+                  f"{out['recall_checked']} sampled tracks: {out['recall']:.3f}")
     return 0
 
 

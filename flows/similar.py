@@ -36,8 +36,12 @@ from flows.prefect_api import prefect_api
 from flows.progress import Progress
 from flows.report import publish, run_id
 from tasks.errors import ParameterError, StoreError
-from tasks.similarity import AnnIndex, Neighbours, exact_search
+from tasks.similarity import AnnIndex, Neighbours, exact_search, recall_at_k
 
+RECALL_SAMPLE = 256
+"""Tracks an approximate run also searches exactly, to measure its own recall@k."""
+RECALL_WARN = 0.9
+"""Below this sampled recall an approximate run logs a warning."""
 EXACT_MAX_TRACKS = 200_000
 """Above this many tracks ``neighbours --method auto`` uses the HNSW index (see
 docs/scoring.md: where the ANN build plus queries beat the exact all-pairs product)."""
@@ -202,8 +206,14 @@ def build_index_task(store_url: str, run_dir: str, threads: int) -> float:
 @task(name="neighbours-block", retries=2, retry_delay_seconds=2, cache_policy=NO_CACHE,
       task_run_name="neighbours-{start}")
 def block_task(store_url: str, run_dir: str, start: int, stop: int, k: int, method: str,
-               model_json: dict[str, Any]) -> str:
-    """The ``k`` nearest tracks of rows ``start..stop`` into one part file; return its name."""
+               model_json: dict[str, Any], check: int = 0) -> dict[str, Any]:
+    """The ``k`` nearest tracks of rows ``start..stop`` into one part file.
+
+    With the approximate index, ``check`` seeded rows of the block are also searched exactly
+    and the share of their exact neighbours the index found is returned (``recall``, over
+    ``checked`` rows), so every ANN run measures its own recall@k on the real embeddings.
+    Returns ``{"part": file name, "checked": n, "recall": share or None}``.
+    """
     model = ScoredModel.from_dict(model_json)
     emb = _matrix(store_url, run_dir)
     store = FeatureStore(store_url)
@@ -230,7 +240,13 @@ def block_task(store_url: str, run_dir: str, start: int, stop: int, k: int, meth
     name = f"part-{start:09d}.parquet"
     with store.fs.open(f"{run_dir}/{name}", "wb") as fh:
         pq.write_table(table, fh, compression="zstd", row_group_size=NEIGHBOURS_ROW_GROUP)
-    return name
+    checked, recall = 0, None
+    if method != "exact" and check > 0:
+        pick = np.sort(np.random.default_rng([start, stop]).choice(
+            stop - start, size=min(check, stop - start), replace=False))
+        truth = exact_search(queries[pick], emb, kk, exclude=own[pick])
+        checked, recall = len(pick), recall_at_k(found.index[pick], truth.index)
+    return {"part": name, "checked": checked, "recall": recall}
 
 
 @flow(name="neighbours", validate_parameters=False)
@@ -277,25 +293,38 @@ def neighbours_flow(store: str, k: int = 10, model: str | None = None, method: s
         bounds = np.linspace(0, n, min(n, n_blocks) + 1).astype(int)
         blocks = [(int(a), int(b)) for a, b in itertools.pairwise(bounds)
                   if b > a]
+        check = math.ceil(RECALL_SAMPLE / len(blocks)) if resolved == "ann" else 0
         futures = block_task.map(fstore.url, run_dir, [a for a, _ in blocks],
                                  [b for _, b in blocks], k, resolved,
-                                 unmapped(chosen.to_dict()))
-        parts = []
+                                 unmapped(chosen.to_dict()), check)
+        parts, checked, hits = [], 0, 0.0
         with Progress("neighbours", total=n, unit="tracks", enabled=progress) as bar:
             for future, (a, b) in zip(futures, blocks, strict=True):
-                parts.append(future.result())
+                res = future.result()
+                parts.append(res["part"])
+                if res["checked"]:
+                    checked += res["checked"]
+                    hits += res["recall"] * res["checked"]
                 bar.advance(b - a)
+        recall = hits / checked if checked else None
+        if recall is not None:
+            log = logger.warning if recall < RECALL_WARN else logger.info
+            log("approximate neighbours: recall@%d %.3f against exact search on %d sampled "
+                "tracks%s", k, recall, checked, "" if recall >= RECALL_WARN else
+                f" (below {RECALL_WARN}: consider --method exact)")
         scores.commit_neighbours(chosen.name, chosen.version, {
             "run_id": nb_run, "k": k, "method": resolved, "tracks": n, "parts": sorted(parts),
             "source_digest": digest, "ann": ANN_PARAMS | {"backend": ANN_BACKEND}
-            if resolved == "ann" else None, "build_s": build_s})
+            if resolved == "ann" else None, "build_s": build_s,
+            "recall_sample": {"tracks": checked, "recall": recall} if checked else None})
     wall = time.perf_counter() - started
     logger.info("flow run %s: neighbours of %d tracks x %d by %s in %.1f s", run_id(), n, k,
                 resolved, wall)
     publish("neighbours-summary", f"neighbours of {chosen.name} v{chosen.version}", {
-        "tracks": n, "k": k, "method": resolved, "index build s": build_s, "wall s": wall})
+        "tracks": n, "k": k, "method": resolved, "index build s": build_s,
+        "recall@k (sampled)": "1 (exact)" if recall is None else recall, "wall s": wall})
     return out | {"skipped": False, "method": resolved, "tracks": n, "wall_s": wall,
-                  "build_s": build_s}
+                  "build_s": build_s, "recall": recall, "recall_checked": checked}
 
 
 def run_neighbours(store: str, *, k: int = 10, model: str | None = None, method: str = "auto",

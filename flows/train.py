@@ -211,6 +211,7 @@ def _log_outputs(out: FitOutput, prep: Prepared) -> None:
         tracking.log_file(path)
     tracking.log_metrics({"train_seconds": out.train_seconds,
                           "train_segments_per_s": out.segments_per_s,
+                          "data_wait_share": out.data_wait_share,
                           "threshold": float(out.predictor.meta.get("threshold", 0.0))})
 
 
