@@ -137,7 +137,8 @@ def score_raw(source: str, train_store: str, uri: str, workers: int, limit: int 
     wall = s.wall_s  # the score flow's wall time includes its ingest subflow
     shutil.rmtree(tmp, ignore_errors=True)
     return {"tracks": s.tracks, "audio_s": ingest.get("audio_s"), "ingest_wall_s":
-            ingest.get("wall_s"), "score_wall_s": wall - (ingest.get("wall_s") or 0.0), "wall_s": wall,
+            ingest.get("wall_s"), "score_wall_s": wall - (ingest.get("wall_s") or 0.0),
+            "wall_s": wall,
             "outer_wall_s": outer, "workers": s.workers,
             "tracks_per_s_per_worker": s.tracks / wall / max(1, s.workers),
             "audio_x_per_worker": (ingest.get("audio_s") or 0.0) / wall / max(1, s.workers)}

@@ -25,7 +25,7 @@ from flows.settings import apply_defaults
 
 apply_defaults(quiet=True)
 
-CPU_PARAMS = {"short_chunk_resnet": {"channels": 32, "embed_dim": 256}}
+from flows.train import CPU_AUTO_PARAMS as CPU_PARAMS  # noqa: E402  (the sizes auto uses on CPU)
 
 
 def main() -> None:

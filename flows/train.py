@@ -32,15 +32,28 @@ DEFAULT_NAME = "mtag-tagger"
 SMALL_DATA_TRACKS = 300
 
 
+CPU_AUTO_PARAMS: dict[str, dict[str, Any]] = {
+    "short_chunk_resnet": {"channels": 32, "embed_dim": 256}}
+"""Sizes ``--model auto`` uses without a GPU: the short-chunk ResNet at a quarter of its
+paper width trained in 9 minutes on 3,724 philharmonia notes on 2 cores and was the best
+model there (docs/training-results.md); at full width it takes hours."""
+
+
 def auto_candidates(n_tracks: int, *, accelerated: bool = False) -> list[str]:
-    """Models ``--model auto`` tries: cheap ones always; the CRNN and the short-chunk ResNet
-    when the data allows (300 tracks) and a GPU is there (on 2 CPU cores the ResNet alone
-    trains for hours on a few thousand tracks; ``--model`` still asks for it by name).
+    """Models ``--model auto`` tries: cheap ones always; from 300 tracks the short-chunk
+    ResNet (CPU-sized without a GPU, see :data:`CPU_AUTO_PARAMS`) and, on a GPU, the CRNN
+    (the slowest on CPU: 27 minutes on philharmonia; ``--model crnn`` still asks for it).
     """
     base = ["linear", "gbm", "mfcc_cnn", "cnn"]
-    if n_tracks < SMALL_DATA_TRACKS or not accelerated:
+    if n_tracks < SMALL_DATA_TRACKS:
         return base
-    return [*base, "crnn", "short_chunk_resnet"]
+    return [*base, "crnn", "short_chunk_resnet"] if accelerated else [
+        *base, "short_chunk_resnet"]
+
+
+def auto_params(model: str, *, accelerated: bool) -> dict[str, Any] | None:
+    """Model config overrides ``--model auto`` uses for ``model`` (None: its defaults)."""
+    return None if accelerated else CPU_AUTO_PARAMS.get(model)
 
 
 @task(name="prepare-labels", cache_policy=NO_CACHE)
@@ -145,7 +158,9 @@ def train_model(store: str, labels: str, model: str = "auto", registered_name: s
                           ) as parent:
         for cand in candidates:
             print(f"training {cand} ...")
-            res = fit_task(prep, cand, work, tc, model_params if model != "auto" else None, name)
+            params = model_params if model != "auto" else auto_params(
+                cand, accelerated=accelerated)
+            res = fit_task(prep, cand, work, tc, params, name)
             print(f"  {cand}: valid macro-F1 {res['valid_macro_f1']:.4f}, test accuracy "
                   f"{res['test']['accuracy']:.4f}, macro-F1 {res['test']['macro_f1']:.4f}")
             results.append(res)

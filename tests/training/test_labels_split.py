@@ -66,9 +66,14 @@ def test_explicit_split_column_wins():
     assert s[0] == "test" and s[2] == "valid"
 
 
-def test_auto_tries_the_heavy_models_only_with_data_and_a_gpu():
-    from flows.train import auto_candidates
+def test_auto_tries_the_heavy_models_only_with_data_and_sizes_them_to_the_device():
+    from flows.train import auto_candidates, auto_params
 
     assert auto_candidates(100, accelerated=True) == ["linear", "gbm", "mfcc_cnn", "cnn"]
-    assert auto_candidates(5000, accelerated=False) == ["linear", "gbm", "mfcc_cnn", "cnn"]
+    assert auto_candidates(5000, accelerated=False) == ["linear", "gbm", "mfcc_cnn", "cnn",
+                                                        "short_chunk_resnet"]
+    assert auto_params("short_chunk_resnet", accelerated=False) == {"channels": 32,
+                                                                   "embed_dim": 256}
+    assert auto_params("short_chunk_resnet", accelerated=True) is None
+    assert auto_params("cnn", accelerated=False) is None
     assert auto_candidates(5000, accelerated=True)[-2:] == ["crnn", "short_chunk_resnet"]
