@@ -164,4 +164,9 @@ def read_blocks(snd: sf.SoundFile, block_frames: int = DEFAULT_BLOCK_FRAMES
 
 def _describe(exc: Exception, uri: str) -> str:
     text = str(exc).replace(repr(uri), "").replace(uri, "").strip(" :")
+    text = text.removeprefix("Error opening").strip(" :")
+    # libsndfile says this of an opened file whose bytes no decoder recognises (e.g. text
+    # named .mp3); the file is there, so say what is wrong with it instead
+    if "does not exist or is not a regular file" in text:
+        text = "no decoder recognises its contents"
     return f"not decodable audio ({text or type(exc).__name__})"
