@@ -50,6 +50,10 @@ def connect(store: FeatureStore, feature_set: str | None = None, model: str | No
     duckdb.DuckDBPyConnection
     """
     con = duckdb.connect()
+    if not store.is_local:  # views over an object store read through the store's filesystem
+        from featurestore.remote import configure_duckdb
+
+        configure_duckdb(con, store)
     try:
         fs_id = feature_set or store.default_feature_set()
     except StoreError:
@@ -120,10 +124,6 @@ def _parquet_view(con: duckdb.DuckDBPyConnection, name: str, store: FeatureStore
         con.register(f"_{name}_empty", schema.empty_table())
         con.execute(f"CREATE VIEW {name} AS SELECT * FROM _{name}_empty")
         return
-    if not store.is_local:
-        from featurestore.remote import configure_duckdb
-
-        configure_duckdb(con, store)
     files = ", ".join("'" + store.uri(p).replace("'", "''") + "'" for p in paths)
     con.execute(f"CREATE VIEW {name} AS SELECT * FROM read_parquet([{files}])")
 

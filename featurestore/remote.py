@@ -17,9 +17,5 @@ if TYPE_CHECKING:
 
 
 def configure_duckdb(con: duckdb.DuckDBPyConnection, store: FeatureStore) -> None:
-    """Let ``con`` read the store's URLs through the store's filesystem (once per connection)."""
-    try:
-        con.register_filesystem(store.fs)
-    except Exception as exc:  # already registered on this connection
-        if "already" not in str(exc).lower():
-            raise
+    """Let a new connection ``con`` read the store's URLs through the store's filesystem."""
+    con.register_filesystem(store.fs)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import socket
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -101,3 +102,15 @@ def _info(client: object, address: str) -> ClusterInfo:
     threads = sum(w.get("nthreads", 1) for w in workers.values())
     return ClusterInfo(address, getattr(client, "dashboard_link", None), len(workers), threads,
                        client)
+
+
+def free_port(preferred: int | None = None, host: str = "127.0.0.1") -> int:
+    """``preferred`` if nothing listens there on ``host``, else any free port."""
+    for port in ([preferred] if preferred else []) + [0]:
+        with socket.socket() as s:
+            try:
+                s.bind((host, port))
+            except OSError:
+                continue
+            return int(s.getsockname()[1])
+    raise OSError(f"no free port on {host}")  # pragma: no cover

@@ -17,6 +17,8 @@ import threading
 from collections.abc import Iterator
 from typing import Any
 
+from flows.cluster import free_port
+
 _server: Any = None
 _started = False
 _lock = threading.Lock()
@@ -82,14 +84,6 @@ class _LazyServer:
             self._server.stop()
 
 
-def _free_port() -> int:
-    import socket
-
-    with contextlib.closing(socket.socket()) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
 @contextlib.contextmanager
 def prefect_api(timeout: int = 120, *, start: bool = True) -> Iterator[PrefectApi]:
     """Yield the API for this process's runs, reserving a temporary local one if none is set.
@@ -106,7 +100,7 @@ def prefect_api(timeout: int = 120, *, start: bool = True) -> Iterator[PrefectAp
         yield PrefectApi(str(configured), None, timeout)
         return
     if _server is None:  # the server module is imported (~3 s) by the thread that boots it
-        _server = _LazyServer(_free_port())
+        _server = _LazyServer(free_port())
     api = PrefectApi(_server.api_url, _server, timeout)
     os.environ["PREFECT_API_URL"] = api.url
     with temporary_settings({PREFECT_API_URL: api.url}):

@@ -24,7 +24,6 @@ import datetime as dt
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -33,7 +32,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from flows.cluster import WORKER_ENV
+from flows.cluster import WORKER_ENV, free_port
 from flows.settings import SettingsError, redact
 
 HOST = "127.0.0.1"
@@ -68,18 +67,6 @@ def _bin(name: str) -> str:
     """A console script of this environment (prefect, mlflow, dask)."""
     candidate = Path(sys.executable).parent / name
     return str(candidate) if candidate.exists() else name
-
-
-def free_port(preferred: int | None = None) -> int:
-    """``preferred`` if nothing listens there on 127.0.0.1, else any free port."""
-    for port in ([preferred] if preferred else []) + [0]:
-        with socket.socket() as s:
-            try:
-                s.bind((HOST, port))
-            except OSError:
-                continue
-            return int(s.getsockname()[1])
-    raise SettingsError("no free port on 127.0.0.1")  # pragma: no cover
 
 
 def _alive(pid: int) -> bool:

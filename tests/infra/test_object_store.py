@@ -15,6 +15,7 @@ import time
 import pytest
 from factories import write
 
+from flows.cluster import free_port
 from tasks.synth import render_track
 
 pytestmark = pytest.mark.slow
@@ -25,9 +26,7 @@ SECRET = "not-a-real-secret-5f1d0c"
 @pytest.fixture(scope="module")
 def s3():
     """A moto S3 server on a free loopback port, stopped by its PID."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     moto = os.path.join(os.path.dirname(sys.executable), "moto_server")
     proc = subprocess.Popen([moto, "-H", "127.0.0.1", "-p", str(port)],
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,

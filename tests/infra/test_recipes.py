@@ -18,7 +18,6 @@ import os
 import re
 import shlex
 import signal
-import socket
 import subprocess
 import sys
 import tomllib
@@ -30,7 +29,7 @@ from typing import Any
 import pytest
 import yaml
 
-from flows.cluster import WORKER_ENV
+from flows.cluster import WORKER_ENV, free_port
 from flows.settings import EMBEDDED_DEFAULTS, EXTERNAL, QUIET_DEFAULTS, SECRET_NAMES, SETTINGS
 
 REPO = Path(__file__).resolve().parents[2]
@@ -297,12 +296,6 @@ def allowed(name: str) -> bool:
     if name.startswith(("MTAG_", "AWS_")):
         return False
     return name.startswith(ENGINE_PREFIXES)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def stop(proc: subprocess.Popen[Any]) -> None:
