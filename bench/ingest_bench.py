@@ -483,7 +483,7 @@ def shard_inprocess(files: Sequence[str], workers: int, repeats: int) -> dict[st
     """
     from featurestore.sources import SourceFile
     from featurestore.store import FeatureStore
-    from flows.extract import probe_files, run_shard
+    from flows.ingest_worker import probe_files, run_shard
     from flows.plan import dedupe, plan_shards
     from tasks.config import FeatureConfig
 

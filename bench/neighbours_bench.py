@@ -3,7 +3,7 @@
 
 For each catalogue size N (``--sizes``, default 100,000 and 1,000,000) it generates N random
 unit vectors of dimension D (``--dim``, default 256: float32 standard normals through
-``tasks.scoring.l2_normalize``, seeded RNG) and draws Q query rows (``--queries``, default
+``tasks.predictions.l2_normalize``, seeded RNG) and draws Q query rows (``--queries``, default
 1000) from that base set; every search leaves the query's own row out (``exclude=``), as the
 all-pairs "similar tracks" job does. k = 10. It measures:
 
@@ -88,7 +88,7 @@ from typing import Any  # noqa: E402
 
 import numpy as np  # noqa: E402
 
-from tasks.scoring import l2_normalize  # noqa: E402
+from tasks.predictions import l2_normalize  # noqa: E402
 from tasks.similarity import AnnIndex, exact_search, recall_at_k  # noqa: E402
 
 K = 10
@@ -149,7 +149,7 @@ def _git_state() -> dict[str, Any]:
         return subprocess.run(["git", *args], cwd=REPO, capture_output=True, text=True,
                               check=False).stdout.strip()
 
-    diff = git("diff", "HEAD", "--", "tasks/similarity.py", "tasks/scoring.py")
+    diff = git("diff", "HEAD", "--", "tasks/similarity.py", "tasks/predictions.py")
     return {"commit": git("rev-parse", "HEAD"),
             "subject": git("log", "-1", "--format=%s"),
             "dirty": bool(git("status", "--porcelain", "--untracked-files=no")),

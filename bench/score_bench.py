@@ -6,7 +6,7 @@
 
 1. Ingests SOURCE into STORE if it has no features yet, and, unless the store's MLflow already
    has ``--name`` (default ``bench-score``) with a champion, trains ``--model`` (default
-   ``mfcc_cnn``, class-balanced, 30 epochs) with ``train_model`` (split 70/10/20, seeded) and
+   ``mfcc_cnn``, class-balanced, 30 epochs) with ``train_flow`` (split 70/10/20, seeded) and
    registers it.
 2. **Scoring from stored features**: ``run_score`` on the store with W workers, ``--repeats``
    times (the model's scores are deleted before each run, so each run does the full work);
@@ -46,7 +46,7 @@ def ensure_model(store: str, labels: str, source: str, name: str, model: str,
     """Ingest and train if needed; return the training summary (or {} if it existed)."""
     from featurestore.store import FeatureStore
     from flows.ingest import run_ingest
-    from flows.train import train_model
+    from flows.train import train_flow
     from tasks.errors import StoreError
     from training import tracking
 
@@ -60,7 +60,7 @@ def ensure_model(store: str, labels: str, source: str, name: str, model: str,
         return {}
     print(f"training {model} as {name} ...", flush=True)
     t0 = time.perf_counter()
-    out = train_model(store=store, labels=labels, model=model, registered_name=name,
+    out = train_flow(store=store, labels=labels, model=model, registered_name=name,
                       valid_size=0.1, test_size=0.2,
                       train_config={"epochs": epochs, "patience": 8, "seed": 0,
                                     "balance": True})
@@ -78,7 +78,7 @@ def inprocess_floor(store: str, uri: str) -> dict[str, Any]:
     from featurestore.reader import shard_matrices
     from featurestore.store import FeatureStore
     from flows.score import scored_model, tracking_uri_for
-    from flows.scoring import load_predictor
+    from flows.score_worker import load_predictor
 
     fstore = FeatureStore(store)
     tracking_uri = tracking_uri_for(fstore)
@@ -148,7 +148,7 @@ def quality(store: str, labels: str, workers: int, k: int = 10) -> dict[str, Any
     """Neighbours of every scored track; share of them with the same true label."""
     from featurestore.query import connect, run_query
     from featurestore.store import FeatureStore
-    from flows.similar import run_neighbours
+    from flows.neighbours import run_neighbours
     from training.labels import match_labels, read_labels
 
     t0 = time.perf_counter()

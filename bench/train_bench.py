@@ -52,7 +52,7 @@ def main() -> None:
     from flows.ingest import run_ingest
     from tasks.errors import StoreError
     from training.loop import TrainConfig
-    from training.trainer import fit, prepare
+    from training.trainer import fit_candidate, prepare
 
     try:
         FeatureStore(args.store).default_feature_set()
@@ -84,7 +84,7 @@ def main() -> None:
                          seed=args.seed, device=args.device, balance=args.balance,
                          specaugment=args.specaugment, mixup_alpha=args.mixup, lr=args.lr)
         t0 = time.perf_counter()
-        out = fit(prep, model, work, train_config=tc, model_params=params)
+        out = fit_candidate(prep, model, work, train_config=tc, model_params=params)
         wall = time.perf_counter() - t0
         row = {"model": model, "params": params or {}, "train": tc.to_dict(),
                "test_accuracy": out.test_track["accuracy"],

@@ -81,7 +81,7 @@ def cmd_score(args: argparse.Namespace) -> int:
 
 def cmd_similar(args: argparse.Namespace) -> int:
     from featurestore.query import format_result
-    from flows.similar import similar
+    from flows.neighbours import similar
 
     found, info = similar(args.store, args.track, k=args.k, model=args.model)
     if args.format == "table":
@@ -95,7 +95,7 @@ def cmd_similar(args: argparse.Namespace) -> int:
 
 
 def cmd_neighbours(args: argparse.Namespace) -> int:
-    from flows.similar import run_neighbours
+    from flows.neighbours import run_neighbours
 
     out = run_neighbours(args.store, k=args.k, model=args.model, method=args.method,
                          dask_address=args.dask_address, n_workers=args.workers,
@@ -122,7 +122,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    from flows.train import train_model
+    from flows.train import train_flow
 
     train_config = {k: v for k, v in {
         "epochs": args.epochs, "batch_size": args.batch_size, "lr": args.lr,
@@ -132,7 +132,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         "balance": args.balance or None,
     }.items() if v is not None}
     params = json.loads(args.model_params) if args.model_params else None
-    result = train_model(store=args.store, labels=args.labels, model=args.model,
+    result = train_flow(store=args.store, labels=args.labels, model=args.model,
                          registered_name=args.registered_name, group_column=args.group_column,
                          valid_size=args.valid_size, test_size=args.test_size,
                          train_config=train_config, model_params=params, workdir=args.workdir)

@@ -129,12 +129,12 @@ def _show(con, store: str, queries: list[tuple[str, str]]) -> None:  # type: ign
 
 
 def _train(store: str, labels: str) -> None:
-    from flows.train import train_model
+    from flows.train import train_flow
     from training.evaluate import render_report
 
     print(f"\n$ mtag train --store {store} --labels {labels} --model auto "
           f"--registered-name {DEMO_MODEL} --epochs {DEMO_EPOCHS}")
-    result = train_model(store=store, labels=labels, model="auto",
+    result = train_flow(store=store, labels=labels, model="auto",
                          registered_name=DEMO_MODEL, train_config={"epochs": DEMO_EPOCHS})
     for cand in result["candidates"]:
         print(f"  {cand['model']:20s} valid macro-F1 {cand['valid_macro_f1']:.3f}   "
@@ -151,8 +151,8 @@ def _train(store: str, labels: str) -> None:
 def _score(store: str, address: str, progress: bool) -> None:
     from featurestore.query import connect, format_result
     from featurestore.store import FeatureStore
+    from flows.neighbours import run_neighbours, similar
     from flows.score import run_score
-    from flows.similar import run_neighbours, similar
 
     uri = f"models:/{DEMO_MODEL}@champion"
     print(f"\n$ mtag score --store {store} --model-uri {uri}")

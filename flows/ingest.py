@@ -21,7 +21,7 @@ from prefect_dask import DaskTaskRunner
 from featurestore.sources import SourceFile, discover
 from featurestore.store import FeatureStore, ShardManifest
 from flows.cluster import dask_cluster
-from flows.extract import probe_files, probe_one, run_shard, warm_worker
+from flows.ingest_worker import probe_files, probe_one, run_shard, warm_worker
 from flows.plan import batches, dedupe, plan_shards, triage
 from flows.prefect_api import prefect_api
 from flows.progress import Progress

@@ -68,10 +68,10 @@ def scheduled_retrain(store: str | None = None, labels: str | None = None,
                       model: str | None = None, registered_name: str | None = None,
                       train_config: dict[str, Any] | None = None) -> dict[str, Any]:
     """Retrain, register as @candidate, and move @champion only if the candidate wins."""
-    from flows.train import train_model
+    from flows.train import train_flow
 
     settings = load()
-    result = train_model(store=store or settings.require("store"),
+    result = train_flow(store=store or settings.require("store"),
                          labels=labels or settings.require("labels"),
                          model=model or settings.train_model,
                          registered_name=registered_name or settings.model_name,
@@ -86,8 +86,8 @@ def scheduled_score(store: str | None = None, model_uri: str | None = None,
                     dask_address: str | None = None, workers: int | None = None,
                     neighbours_k: int | None = None) -> dict[str, Any]:
     """Score what the champion has not scored yet, then refresh the neighbours table."""
+    from flows.neighbours import neighbours_flow
     from flows.score import score_flow
-    from flows.similar import neighbours_flow
 
     settings = load()
     store = store or settings.require("store")

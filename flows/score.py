@@ -29,7 +29,7 @@ from flows.prefect_api import prefect_api
 from flows.progress import Progress
 from flows.records import ScorePartResult, ScorePlan
 from flows.report import publish, run_id
-from flows.scoring import load_predictor, score_part, warm_scorer
+from flows.score_worker import load_predictor, score_part, warm_scorer
 from tasks.config import FeatureConfig
 from tasks.errors import StoreError
 
@@ -290,7 +290,7 @@ def run_score(store: str, model_uri: str, *, source: str | None = None, top_k: i
                                                        echo=echo) as cluster:
         cluster.warm(warm_scorer, uri, model.uri, device)
         if source is not None:
-            from flows.extract import warm_worker
+            from flows.ingest_worker import warm_worker
 
             cluster.warm(warm_worker, FeatureConfig.from_dict(config).to_json())
         api.start()

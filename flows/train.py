@@ -1,4 +1,4 @@
-"""The ``train_model`` flow: prepare → fit candidates → evaluate → register → promote.
+"""The ``train_flow`` flow: prepare → fit candidates → evaluate → register → promote.
 
 Each fit is an MLflow run (nested under one parent run per invocation) in the experiment named
 after the registered model. The best candidate on validation macro-F1 is registered and gets
@@ -26,7 +26,7 @@ from training.artifact import Predictor
 from training.artifact import load as load_artifact
 from training.evaluate import confusion_png, curves_png, render_report
 from training.loop import TrainConfig, pick_device
-from training.trainer import FitOutput, Prepared, evaluate_split, fit, prepare
+from training.trainer import FitOutput, Prepared, evaluate_split, fit_candidate, prepare
 
 DEFAULT_NAME = "mtag-tagger"
 SMALL_DATA_TRACKS = 300
@@ -77,9 +77,10 @@ def fit_task(prep: Prepared, model: str, workdir: str, train_config: TrainConfig
             "split": prep.split_counts(), "seed": train_config.seed,
             "code_version": CODE_VERSION,
         })
-        out = fit(prep, model, workdir, train_config=train_config, model_params=model_params,
-                  on_epoch=lambda epoch, m: tracking.log_metrics(
-                      {f"epoch_{k}": v for k, v in m.items()}, step=epoch))
+        out = fit_candidate(prep, model, workdir, train_config=train_config,
+                            model_params=model_params,
+                            on_epoch=lambda epoch, m: tracking.log_metrics(
+                                {f"epoch_{k}": v for k, v in m.items()}, step=epoch))
         tracking.log_params({k: v for k, v in out.params.items() if k != "model"})
         _log_outputs(out, prep)
         uri = tracking.log_model(out.artifact_dir, out.predictor.meta, _example(out, prep))
@@ -131,7 +132,7 @@ def promote_task(prep: Prepared, best: dict[str, Any], name: str) -> dict[str, A
 
 
 @flow(name="train-model", validate_parameters=False)
-def train_model(store: str, labels: str, model: str = "auto", registered_name: str | None = None,
+def train_flow(store: str, labels: str, model: str = "auto", registered_name: str | None = None,
                 group_column: str | None = None, valid_size: float = 0.15,
                 test_size: float = 0.15, train_config: dict[str, Any] | None = None,
                 model_params: dict[str, Any] | None = None, workdir: str | None = None

@@ -30,11 +30,11 @@ def test_flows_are_prefect_flows():
     from prefect import Flow
 
     from flows.ingest import ingest_flow
+    from flows.neighbours import neighbours_flow
     from flows.score import score_flow
-    from flows.similar import neighbours_flow
-    from flows.train import train_model
+    from flows.train import train_flow
 
-    for fn, name in ((ingest_flow, "ingest"), (train_model, "train-model"),
+    for fn, name in ((ingest_flow, "ingest"), (train_flow, "train-model"),
                      (score_flow, "score"), (neighbours_flow, "neighbours")):
         assert isinstance(fn, Flow) and fn.name == name
 

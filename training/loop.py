@@ -111,7 +111,7 @@ def balanced_weights(targets: np.ndarray, *, multi_label: bool, cap: float = 10.
     return torch.tensor(np.clip(w, 1.0 / cap, cap), dtype=torch.float32)
 
 
-def train(model: Tagger, train_ds: Dataset, valid_ds: Dataset, config: TrainConfig, *,
+def train_network(model: Tagger, train_ds: Dataset, valid_ds: Dataset, config: TrainConfig, *,
           multi_label: bool, score: Callable[[Tagger], float],
           class_weights: torch.Tensor | None = None,
           checkpoint_dir: str | None = None, resume: bool = True,

@@ -32,7 +32,7 @@ from training.loop import (
     pick_device,
     predict,
     seed_everything,
-    train,
+    train_network,
 )
 from training.models import MODEL_CONFIGS, build_model
 
@@ -115,9 +115,10 @@ def prepare(store_url: str, labels_path: str, *, feature_set: str | None = None,
     return Prepared(store, fs, labels, splits)
 
 
-def fit(prep: Prepared, model: str, workdir: str, *, train_config: TrainConfig | None = None,
-        model_params: dict[str, Any] | None = None, resume: bool = True,
-        on_epoch: Any = None) -> FitOutput:
+def fit_candidate(prep: Prepared, model: str, workdir: str, *,
+                  train_config: TrainConfig | None = None,
+                  model_params: dict[str, Any] | None = None, resume: bool = True,
+                  on_epoch: Any = None) -> FitOutput:
     """Train ``model`` on the train split, select on valid, report on test."""
     if model not in MODEL_NAMES:
         raise ParameterError(f"unknown model {model!r}; choose from {list(MODEL_NAMES)} or auto")
@@ -166,7 +167,7 @@ def fit(prep: Prepared, model: str, workdir: str, *, train_config: TrainConfig |
         ckpt = os.path.join(workdir, model, "checkpoints")
         weights = balanced_weights(parts["train"].targets, multi_label=labels.multi_label) \
             if tc.balance and len(parts["train"]) else None
-        result = train(net, train_ds, valid_ds, tc, multi_label=labels.multi_label,
+        result = train_network(net, train_ds, valid_ds, tc, multi_label=labels.multi_label,
                        score=score, class_weights=weights, checkpoint_dir=ckpt, resume=resume,
                        on_epoch=on_epoch)
         net.cpu()

@@ -13,7 +13,7 @@ from featurestore.query import connect, run_query
 from featurestore.scores import ScoredModel, ScoreManifest, ScorePartWriter, ScoreStore
 from featurestore.store import FeatureStore
 from tasks.errors import ParameterError, StoreError
-from tasks.scoring import score_rows
+from tasks.predictions import score_rows
 
 MODEL = ScoredModel(name="genre/tagger v2", version="3", run_id="r" * 32,
                     feature_set="fs-000000000000", classes=["a", "b", "c"], multi_label=False,

@@ -32,7 +32,7 @@ def test_two_hour_file_never_held_whole(tmp_path):
         import json, os, resource
         from featurestore.sources import SourceFile
         from featurestore.store import FeatureStore
-        from flows.extract import probe_files, run_shard, warm_worker
+        from flows.ingest_worker import probe_files, run_shard, warm_worker
         from flows.plan import plan_shards
         from tasks.config import FeatureConfig
         c = FeatureConfig()

@@ -26,13 +26,13 @@ def scored(labelled_store, tmp_path_factory, dask_address, prefect_harness):
     """A private copy of the labelled store, a CNN trained and registered in it, and one
     scoring run. Returns (store, labels, first summary)."""
     from flows.score import run_score
-    from flows.train import train_model
+    from flows.train import train_flow
 
     src, labels, _ = labelled_store
     store = str(tmp_path_factory.mktemp("scored") / "store")
     shutil.copytree(src, store, ignore=shutil.ignore_patterns("mlflow"))
     os.environ.pop("MLFLOW_TRACKING_URI", None)
-    out = train_model(store=store, labels=labels, model="cnn", registered_name=NAME,
+    out = train_flow(store=store, labels=labels, model="cnn", registered_name=NAME,
                       valid_size=0.2, test_size=0.2, model_params=CNN,
                       train_config={"epochs": 10, "batch_size": 16, "lr": 2e-3, "seed": 0},
                       workdir=str(tmp_path_factory.mktemp("work")))
@@ -82,7 +82,7 @@ def test_every_track_scored_once_with_lineage(scored):
 
 def test_scores_match_the_registered_model_on_stored_features(scored):
     from featurestore.reader import TensorReader
-    from tasks.scoring import l2_normalize
+    from tasks.predictions import l2_normalize
     from training import tracking
     from training.artifact import load
 
@@ -126,10 +126,10 @@ def test_rescoring_is_a_no_op_and_crash_leftovers_are_removed(scored, dask_addre
 
 def test_new_version_writes_beside_the_old(scored, dask_address):
     from flows.score import run_score
-    from flows.train import train_model
+    from flows.train import train_flow
 
     store, labels, _ = scored
-    out = train_model(store=store, labels=labels, model="linear", registered_name=NAME,
+    out = train_flow(store=store, labels=labels, model="linear", registered_name=NAME,
                       valid_size=0.2, test_size=0.2)
     version = out["promotion"]["version"]
     assert version == "2"
@@ -186,7 +186,7 @@ def test_raw_audio_never_ingested_is_ingested_then_scored(scored, tmp_path, dask
 
 
 def test_neighbours_exact_and_ann_agree_and_similar_uses_them(scored, dask_address):
-    from flows.similar import run_neighbours, similar
+    from flows.neighbours import run_neighbours, similar
 
     store, _, _ = scored
     model = f"{NAME}/1"

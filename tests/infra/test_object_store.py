@@ -75,9 +75,9 @@ def test_pipeline_on_s3(s3, tmp_path, monkeypatch):
     from featurestore.store import FeatureStore
     from flows.cluster import dask_cluster
     from flows.ingest import run_ingest
+    from flows.neighbours import run_neighbours, similar
     from flows.score import run_score
-    from flows.similar import run_neighbours, similar
-    from flows.train import train_model
+    from flows.train import train_flow
 
     store = "s3://mtag/store"
     with dask_cluster(None, n_workers=2, echo=False) as cluster:  # workers get this env
@@ -87,7 +87,7 @@ def test_pipeline_on_s3(s3, tmp_path, monkeypatch):
         again = run_ingest("s3://catalogue/music/", store, dask_address=cluster.address,
                            progress=False)
         assert again.unchanged == 9 and again.ok == 0
-        out = train_model(store=store, labels=str(labels), model="linear",
+        out = train_flow(store=store, labels=str(labels), model="linear",
                           registered_name="s3-tagger", valid_size=0.2, test_size=0.3)
         assert out["promotion"]["promoted"]
         scored = run_score(store, "models:/s3-tagger@champion", dask_address=cluster.address,

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from tasks.errors import ParameterError
-from tasks.scoring import l2_normalize
+from tasks.predictions import l2_normalize
 from tasks.similarity import ANN_BACKENDS, AnnIndex, exact_search, recall_at_k
 
 

@@ -10,7 +10,7 @@ from mlflow import MlflowClient
 from featurestore.store import FeatureStore
 from training import tracking
 from training.loop import TrainConfig
-from training.trainer import fit, prepare
+from training.trainer import fit_candidate, prepare
 
 pytestmark = pytest.mark.slow
 
@@ -37,7 +37,8 @@ def test_split_has_no_track_on_both_sides(prep):
 @pytest.mark.parametrize("model", ["linear", "gbm", "mfcc_cnn", "cnn", "crnn",
                                    "short_chunk_resnet"])
 def test_each_model_beats_chance(prep, tmp_path, model):
-    out = fit(prep, model, str(tmp_path), train_config=FAST, model_params=SMALL.get(model))
+    out = fit_candidate(prep, model, str(tmp_path), train_config=FAST,
+                        model_params=SMALL.get(model))
     chance = 1 / len(prep.labels.classes)
     assert out.test_segment["n"] > 10
     assert out.test_segment["accuracy"] > chance + 0.2, out.test_segment
@@ -54,7 +55,7 @@ def test_multi_label(labelled_store, tmp_path):
     store, _, multi = labelled_store
     p = prepare(store, multi, seed=0)
     assert p.labels.multi_label and "winds" in p.labels.classes
-    out = fit(p, "linear", str(tmp_path))
+    out = fit_candidate(p, "linear", str(tmp_path))
     assert "roc_auc" in out.test_track and "pr_auc" in out.test_track
     probs, _ = out.predictor.predict(p.summary[0][p.summary[1]].head(4))
     assert probs.shape == (4, len(p.labels.classes)) and probs.max() <= 1.0
@@ -64,19 +65,19 @@ def test_resume_from_checkpoint_continues(prep, tmp_path):
     cfg = {"channels": [8, 16, 16], "embed_dim": 32}
     per_epoch = -(-len(prep.parts("mfcc")["train"]) // 16)
     # an interrupted run: stops after two of four epochs, leaving its checkpoint
-    first = fit(prep, "mfcc_cnn", str(tmp_path), model_params=cfg,
+    first = fit_candidate(prep, "mfcc_cnn", str(tmp_path), model_params=cfg,
                 train_config=TrainConfig(epochs=4, batch_size=16, patience=99,
                                          max_steps=2 * per_epoch))
     assert [h["epoch"] for h in first.history] == [0, 1]
-    resumed = fit(prep, "mfcc_cnn", str(tmp_path), model_params=cfg,
+    resumed = fit_candidate(prep, "mfcc_cnn", str(tmp_path), model_params=cfg,
                   train_config=TrainConfig(epochs=4, batch_size=16, patience=99))
     assert [h["epoch"] for h in resumed.history] == [0, 1, 2, 3]
     assert resumed.history[:2] == first.history
-    fresh = fit(prep, "mfcc_cnn", str(tmp_path / "other"), model_params=cfg,
+    fresh = fit_candidate(prep, "mfcc_cnn", str(tmp_path / "other"), model_params=cfg,
                 train_config=TrainConfig(epochs=4, batch_size=16, patience=99))
     from tasks.errors import ParameterError
     with pytest.raises(ParameterError, match="resume with the same epochs"):
-        fit(prep, "mfcc_cnn", str(tmp_path), model_params=cfg,
+        fit_candidate(prep, "mfcc_cnn", str(tmp_path), model_params=cfg,
             train_config=TrainConfig(epochs=6, batch_size=16, patience=99))
     # same seed, same data: resuming reproduces the uninterrupted run's losses
     np.testing.assert_allclose([h["train_loss"] for h in resumed.history],
@@ -85,11 +86,11 @@ def test_resume_from_checkpoint_continues(prep, tmp_path):
 
 def test_train_flow_registers_promotes_and_reloads(labelled_store, mlflow_env, tmp_path,
                                                    prefect_harness):
-    from flows.train import evaluate_model, train_model
+    from flows.train import evaluate_model, train_flow
 
     store, labels, _ = labelled_store
     name = f"test-{tmp_path.name}"[:60]
-    first = train_model(store=store, labels=labels, model="linear", registered_name=name,
+    first = train_flow(store=store, labels=labels, model="linear", registered_name=name,
                         valid_size=0.2, test_size=0.2, workdir=str(tmp_path / "w1"))
     assert first["promotion"]["promoted"] and first["promotion"]["version"] == "1"
     client = MlflowClient()
@@ -116,7 +117,7 @@ def test_train_flow_registers_promotes_and_reloads(labelled_store, mlflow_env, t
         mlflow.get_tracking_uri()
 
     # a weaker candidate (one optimisation step) does not take the champion alias
-    second = train_model(store=store, labels=labels, model="mfcc_cnn", registered_name=name,
+    second = train_flow(store=store, labels=labels, model="mfcc_cnn", registered_name=name,
                          valid_size=0.2, test_size=0.2, workdir=str(tmp_path / "w2"),
                          train_config={"epochs": 1, "max_steps": 1, "batch_size": 8},
                          model_params={"channels": [4, 4, 4], "embed_dim": 8})

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from tasks.errors import ParameterError
-from tasks.scoring import aggregate_tracks, confident, l2_normalize, score_rows, tags, top_k
+from tasks.predictions import aggregate_tracks, confident, l2_normalize, score_rows, tags, top_k
 
 
 def test_aggregate_is_the_mean_per_track_in_any_order(rng):

@@ -3,7 +3,7 @@ shards into one staged part.
 
 Plain functions (the Prefect wrapper is in :mod:`flows.score`). They connect the model loader
 (:mod:`training.artifact` via :mod:`training.tracking`), the scoring math in
-:mod:`tasks.scoring` and the writers in :mod:`featurestore.scores`.
+:mod:`tasks.predictions` and the writers in :mod:`featurestore.scores`.
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ from featurestore.reader import shard_matrices
 from featurestore.scores import ScoredModel, ScorePartWriter, ScoreStore
 from featurestore.store import FeatureStore
 from flows.records import ScorePartResult, ScorePlan
-from tasks.scoring import score_rows
+from tasks.predictions import score_rows
 
 CPU_BATCH = 256
 GPU_BATCH = 2048

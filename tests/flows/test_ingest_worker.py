@@ -12,7 +12,7 @@ from factories import music_like
 from featurestore.hashing import content_hash
 from featurestore.sources import SourceFile, discover
 from featurestore.store import FeatureStore
-from flows.extract import probe_one, run_shard
+from flows.ingest_worker import probe_one, run_shard
 from flows.plan import plan_shards
 from tasks.config import FeatureConfig
 
