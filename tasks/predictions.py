@@ -2,8 +2,9 @@
 
 Pure functions on arrays (no model, no I/O). A track's probabilities are the mean of its
 segments' (as in training's track-level evaluation), its embedding the L2-normalised mean of its
-segments' embeddings; top-k labels, the multi-label tag rule and the open-set ``confident`` flag
-are decided here so the writer, the tests and the benchmarks share one definition.
+segments' embeddings; top-k labels, the multi-label tag rule, the open-set ``confident`` flag and
+the alignment of a model's classes to a label set's are decided here so training, the writer,
+the tests and the benchmarks share one definition.
 """
 
 from __future__ import annotations
@@ -97,6 +98,46 @@ def aggregate_tracks(track_ids: np.ndarray, probabilities: np.ndarray,
 
     emb = None if embeddings is None else l2_normalize(mean(embeddings))
     return TrackScores(ids, counts.astype(np.int32), mean(probabilities), emb)
+
+
+def align_classes(probabilities: np.ndarray, model_classes: list[str], classes: list[str]
+                  ) -> np.ndarray:
+    """Reorder a model's probability columns to ``classes``.
+
+    A class the model never learned (in ``classes``, not in ``model_classes``) gets probability
+    0 in every row; a class of the model missing from ``classes`` is dropped.
+
+    Parameters
+    ----------
+    probabilities : np.ndarray [shape=(n, len(model_classes))]
+        Column ``i`` is the probability of ``model_classes[i]``.
+    model_classes : list of str
+        The classes of the model, in its column order.
+    classes : list of str
+        The wanted column order (e.g. a label set's classes).
+
+    Returns
+    -------
+    np.ndarray [shape=(n, len(classes))]
+        Column ``j`` is the probability of ``classes[j]``; float32, or ``probabilities``
+        itself when ``model_classes`` already equals ``classes``.
+
+    Raises
+    ------
+    ParameterError
+        If ``probabilities`` is not ``(n, len(model_classes))``.
+    """
+    probabilities = np.asarray(probabilities)
+    if probabilities.ndim != 2 or probabilities.shape[1] != len(model_classes):
+        raise ParameterError(f"expected a (n, {len(model_classes)}) array, got shape "
+                             f"{probabilities.shape}")
+    if list(model_classes) == list(classes):
+        return probabilities
+    index = {c: i for i, c in enumerate(model_classes)}
+    known = [j for j, c in enumerate(classes) if c in index]
+    out = np.zeros((len(probabilities), len(classes)), dtype=np.float32)
+    out[:, known] = probabilities[:, [index[classes[j]] for j in known]]
+    return out
 
 
 def top_k(probabilities: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:

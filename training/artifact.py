@@ -74,7 +74,8 @@ class Predictor:
         assert self.torch_model is not None
         model = self.torch_model
         model.eval()
-        probs, embs = [], []
+        batches: list[np.ndarray] = []
+        embs: list[np.ndarray] = []
         arr = np.asarray(x, dtype=np.float32)
         cuda = self.device.type == "cuda"
         for i in range(0, len(arr), batch_size):
@@ -85,11 +86,11 @@ class Predictor:
                 e = model.embed(batch)
                 logits = model.head(e).float()
             p = torch.sigmoid(logits) if self.meta["multi_label"] else torch.softmax(logits, -1)
-            probs.append(p.cpu().numpy())
+            batches.append(p.cpu().numpy())
             if embeddings:
                 embs.append(e.float().cpu().numpy())
         n_c = len(self.classes)
-        p_all = np.concatenate(probs) if probs else np.zeros((0, n_c), np.float32)
+        p_all = np.concatenate(batches) if batches else np.zeros((0, n_c), np.float32)
         return p_all, (np.concatenate(embs) if embeddings and embs else None)
 
 

@@ -1,5 +1,6 @@
-"""Evaluation: segment → track aggregation, metrics, per-class report, confusion matrix plot,
-and the open-set confidence threshold.
+"""Evaluation: metrics, per-class report, confusion matrix plot, training curves and the
+open-set confidence threshold (segment → track aggregation is
+:func:`tasks.predictions.aggregate_tracks`).
 """
 
 from __future__ import annotations
@@ -14,15 +15,6 @@ from sklearn.metrics import (
     precision_recall_fscore_support,
     roc_auc_score,
 )
-
-
-def aggregate_tracks(track_ids: np.ndarray, values: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Mean of segment rows per track: ``(unique track ids, (n_tracks, k) means)``."""
-    order = np.argsort(track_ids, kind="stable")
-    ids, start = np.unique(track_ids[order], return_index=True)
-    sums = np.add.reduceat(values[order].astype(np.float64), start, axis=0)
-    counts = np.diff(np.append(start, len(order)))[:, None]
-    return ids, (sums / counts).astype(np.float32)
 
 
 def report(targets: np.ndarray, probs: np.ndarray, classes: list[str], *,

@@ -12,6 +12,7 @@ from __future__ import annotations
 import hashlib
 import os
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -143,7 +144,7 @@ def match_labels(labels: pd.DataFrame, tracks: pd.DataFrame, sources: pd.DataFra
                              "are taken relative to the labels file's folder)")
     frame = pd.DataFrame(rows).drop(columns=["key", "key_kind"])
     # one row per track: labels merged, first split/group kept
-    agg = {"labels": lambda s: sorted({lab for labs in s for lab in labs})}
+    agg: dict[str, Any] = {"labels": lambda s: sorted({lab for labs in s for lab in labs})}
     agg |= {c: "first" for c in ("split", "group") if c in frame.columns}
     frame = frame.groupby("track_id", sort=True).agg(agg).reset_index()
     classes = sorted({lab for labs in frame["labels"] for lab in labs})

@@ -111,11 +111,52 @@ def balanced_weights(targets: np.ndarray, *, multi_label: bool, cap: float = 10.
     return torch.tensor(np.clip(w, 1.0 / cap, cap), dtype=torch.float32)
 
 
+@dataclass
+class _Run:
+    """What one :func:`train_network` call sets up once: device, data order, optimiser."""
+
+    device: torch.device
+    generator: torch.Generator
+    loader: DataLoader
+    opt: torch.optim.Optimizer
+    sched: torch.optim.lr_scheduler.LRScheduler
+    total_steps: int
+    multi_label: bool
+    class_weights: torch.Tensor | None
+
+    @property
+    def cuda(self) -> bool:
+        """Whether the run is on a CUDA device."""
+        return self.device.type == "cuda"
+
+
+@dataclass
+class _State:
+    """Where a run stands after an epoch: what a checkpoint saves and a resume restores."""
+
+    epoch: int = -1  # the last finished epoch
+    best: float = -math.inf
+    best_epoch: int = -1
+    best_state: dict[str, torch.Tensor] | None = None
+    history: list[dict[str, float]] = field(default_factory=list)
+    step: int = 0
+
+
+@dataclass
+class _Clock:
+    """Segments trained on, seconds computing and seconds waiting for data."""
+
+    seen: int = 0
+    busy: float = 0.0
+    wait: float = 0.0
+
+
 def train_network(model: Tagger, train_ds: Dataset, valid_ds: Dataset, config: TrainConfig, *,
-          multi_label: bool, score: Callable[[Tagger], float],
-          class_weights: torch.Tensor | None = None,
-          checkpoint_dir: str | None = None, resume: bool = True,
-          on_epoch: Callable[[int, dict[str, float]], None] | None = None) -> TrainResult:
+                  multi_label: bool, score: Callable[[Tagger], float],
+                  class_weights: torch.Tensor | None = None,
+                  checkpoint_dir: str | None = None, resume: bool = True,
+                  on_epoch: Callable[[int, dict[str, float]], None] | None = None
+                  ) -> TrainResult:
     """Train ``model``; keep the weights with the best ``score`` (higher is better).
 
     Parameters
@@ -133,6 +174,38 @@ def train_network(model: Tagger, train_ds: Dataset, valid_ds: Dataset, config: T
     on_epoch : callable, optional
         Receives ``(epoch, metrics)`` after each epoch.
     """
+    run = _setup(model, train_ds, config, multi_label=multi_label, class_weights=class_weights)
+    ckpt = os.path.join(checkpoint_dir, "last.pt") if checkpoint_dir else None
+    state = _restore(ckpt, model, run) if ckpt and resume and os.path.exists(ckpt) else _State()
+    clock = _Clock()
+    stale = 0 if state.best_epoch < 0 else (state.epoch - state.best_epoch)
+    for epoch in range(state.epoch + 1, config.epochs):
+        if hasattr(train_ds, "epoch"):
+            train_ds.epoch = epoch
+        losses = _run_epoch(model, run, config, state, clock)
+        metrics = {"train_loss": float(np.mean(losses)) if losses else float("nan"),
+                   "valid_score": score(model), "lr": float(run.opt.param_groups[0]["lr"])}
+        state.history.append({"epoch": epoch, **metrics})
+        if on_epoch:
+            on_epoch(epoch, metrics)
+        stale = 0 if _keep_if_best(model, state, epoch, metrics["valid_score"]) else stale + 1
+        state.epoch = epoch
+        if ckpt:
+            _save(ckpt, model, run, state)
+        if stale >= config.patience or _out_of_steps(config, state.step):
+            break
+    if state.best_state is None:
+        state.best_state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
+    model.load_state_dict(state.best_state)
+    total = clock.busy + clock.wait
+    return TrainResult(state.best_state, state.best_epoch, state.best, state.history,
+                       segments_per_s=clock.seen / total if total else 0.0,
+                       data_wait_share=clock.wait / total if total else 0.0, steps=state.step)
+
+
+def _setup(model: Tagger, train_ds: Dataset, config: TrainConfig, *, multi_label: bool,
+           class_weights: torch.Tensor | None) -> _Run:
+    """Seed, move ``model`` to its device, and build the loader, optimiser and schedule."""
     generator = seed_everything(config.seed)
     device = pick_device(config.device)
     cuda = device.type == "cuda"
@@ -142,98 +215,107 @@ def train_network(model: Tagger, train_ds: Dataset, valid_ds: Dataset, config: T
     loader = DataLoader(train_ds, batch_size=config.batch_size, shuffle=True, drop_last=False,
                         num_workers=workers, pin_memory=cuda, generator=generator,
                         persistent_workers=workers > 0)
-    steps_per_epoch = max(1, len(loader))
     # the schedule spans every epoch; max_steps only stops the loop early, so an interrupted
     # run and its resumption follow the same schedule
-    total_steps = steps_per_epoch * config.epochs
+    total_steps = max(1, len(loader)) * config.epochs
     opt = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
+    return _Run(device, generator, loader, opt, _schedule(opt, config, total_steps),
+                total_steps, multi_label, weights)
+
+
+def _schedule(opt: torch.optim.Optimizer, config: TrainConfig, total_steps: int
+              ) -> torch.optim.lr_scheduler.LRScheduler:
+    """One-cycle, or linear warm-up (5 % of the steps) then cosine decay."""
     if config.schedule == "onecycle":
-        sched: torch.optim.lr_scheduler.LRScheduler = torch.optim.lr_scheduler.OneCycleLR(
+        return torch.optim.lr_scheduler.OneCycleLR(
             opt, max_lr=config.lr, total_steps=max(total_steps, 2), pct_start=0.2)
-    else:
-        warm = max(1, total_steps // 20)
-        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / warm) * 0.5
-                                                  * (1 + math.cos(math.pi * min(s, total_steps)
-                                                                  / max(1, total_steps))))
-    start_epoch, best, best_epoch, best_state, history, step = 0, -math.inf, -1, None, [], 0
-    ckpt = os.path.join(checkpoint_dir, "last.pt") if checkpoint_dir else None
-    if ckpt and resume and os.path.exists(ckpt):
-        state = torch.load(ckpt, map_location=device, weights_only=False)
-        if state.get("total_steps") != total_steps:
-            raise ParameterError(
-                f"checkpoint {ckpt} was made for {state.get('total_steps')} steps, this run "
-                f"plans {total_steps}: resume with the same epochs, batch size and data, or "
-                "use another work folder")
-        model.load_state_dict(state["model"])
-        opt.load_state_dict(state["optimizer"])
-        sched.load_state_dict(state["scheduler"])
-        start_epoch, best, best_epoch = state["epoch"] + 1, state["best"], state["best_epoch"]
-        best_state, history, step = state["best_state"], state["history"], state["step"]
-        generator.set_state(state["generator"])
-        _set_rng_states(state["rng"])
-    seen, busy, wait = 0, 0.0, 0.0
-    stale = 0 if best_epoch < 0 else (start_epoch - 1 - best_epoch)
-    for epoch in range(start_epoch, config.epochs):
-        if hasattr(train_ds, "epoch"):
-            train_ds.epoch = epoch
-        model.train()
-        losses = []
+    warm = max(1, total_steps // 20)
+    return torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / warm) * 0.5
+                                             * (1 + math.cos(math.pi * min(s, total_steps)
+                                                             / max(1, total_steps))))
+
+
+def _run_epoch(model: Tagger, run: _Run, config: TrainConfig, state: _State, clock: _Clock
+               ) -> list[float]:
+    """One pass over the training data (ending early at ``config.max_steps``); batch losses."""
+    model.train()
+    losses = []
+    tick = time.perf_counter()
+    for x, y in run.loader:
+        got = time.perf_counter()
+        clock.wait += got - tick
+        losses.append(_train_step(model, run, config, x, y, step=state.step))
+        state.step += 1
+        clock.seen += x.shape[0]
+        if run.cuda:
+            torch.cuda.synchronize()
         tick = time.perf_counter()
-        for x, y in loader:
-            got = time.perf_counter()
-            wait += got - tick
-            x = x.to(device, non_blocking=cuda)
-            y = y.to(device, non_blocking=cuda)
-            if config.specaugment:
-                x = spec_augment(x, generator=generator)
-            x, y = mixup(x, y, config.mixup_alpha, generator=generator)
-            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cuda):
-                logits = model(x)
-            loss = loss_fn(logits, y, multi_label, weights)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            if step < total_steps - 1 or config.schedule != "onecycle":
-                sched.step()
-            losses.append(float(loss.detach()))
-            step += 1
-            seen += x.shape[0]
-            if cuda:
-                torch.cuda.synchronize()
-            tick = time.perf_counter()
-            busy += tick - got
-            if config.max_steps and step >= config.max_steps:
-                break
-        value = score(model)
-        metrics = {"train_loss": float(np.mean(losses)) if losses else float("nan"),
-                   "valid_score": value, "lr": float(opt.param_groups[0]["lr"])}
-        history.append({"epoch": epoch, **metrics})
-        if on_epoch:
-            on_epoch(epoch, metrics)
-        if value > best:
-            best, best_epoch, stale = value, epoch, 0
-            best_state = copy.deepcopy({k: v.detach().cpu() for k, v in
-                                        model.state_dict().items()})
-        else:
-            stale += 1
-        if ckpt:
-            os.makedirs(checkpoint_dir, exist_ok=True)  # type: ignore[arg-type]
-            torch.save({"model": model.state_dict(), "optimizer": opt.state_dict(),
-                        "scheduler": sched.state_dict(), "epoch": epoch, "best": best,
-                        "best_epoch": best_epoch, "best_state": best_state,
-                        "history": history, "step": step, "total_steps": total_steps,
-                        "generator": generator.get_state(), "rng": _rng_states()},
-                       ckpt + ".tmp")
-            os.replace(ckpt + ".tmp", ckpt)
-        if stale >= config.patience or (config.max_steps and step >= config.max_steps):
+        clock.busy += tick - got
+        if _out_of_steps(config, state.step):
             break
-    if best_state is None:
-        best_state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
-    model.load_state_dict(best_state)
-    total = busy + wait
-    return TrainResult(best_state, best_epoch, best, history,
-                       segments_per_s=seen / total if total else 0.0,
-                       data_wait_share=wait / total if total else 0.0, steps=step)
+    return losses
+
+
+def _train_step(model: Tagger, run: _Run, config: TrainConfig, x: torch.Tensor,
+                y: torch.Tensor, *, step: int) -> float:
+    """Augment one batch, take one optimiser and schedule step; return the batch loss."""
+    x = x.to(run.device, non_blocking=run.cuda)
+    y = y.to(run.device, non_blocking=run.cuda)
+    if config.specaugment:
+        x = spec_augment(x, generator=run.generator)
+    x, y = mixup(x, y, config.mixup_alpha, generator=run.generator)
+    with torch.autocast(run.device.type, dtype=torch.bfloat16, enabled=run.cuda):
+        logits = model(x)
+    loss = loss_fn(logits, y, run.multi_label, run.class_weights)
+    run.opt.zero_grad(set_to_none=True)
+    loss.backward()
+    run.opt.step()
+    if step < run.total_steps - 1 or config.schedule != "onecycle":
+        run.sched.step()
+    return float(loss.detach())
+
+
+def _out_of_steps(config: TrainConfig, step: int) -> bool:
+    return bool(config.max_steps and step >= config.max_steps)
+
+
+def _keep_if_best(model: Tagger, state: _State, epoch: int, value: float) -> bool:
+    """Keep a copy of the weights if ``value`` beats the best so far; say whether it did."""
+    if not value > state.best:  # a NaN score never wins
+        return False
+    state.best, state.best_epoch = value, epoch
+    state.best_state = copy.deepcopy({k: v.detach().cpu() for k, v in
+                                      model.state_dict().items()})
+    return True
+
+
+def _save(path: str, model: Tagger, run: _Run, state: _State) -> None:
+    """Write the checkpoint atomically (a temporary file, then a rename)."""
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    torch.save({"model": model.state_dict(), "optimizer": run.opt.state_dict(),
+                "scheduler": run.sched.state_dict(), "epoch": state.epoch, "best": state.best,
+                "best_epoch": state.best_epoch, "best_state": state.best_state,
+                "history": state.history, "step": state.step, "total_steps": run.total_steps,
+                "generator": run.generator.get_state(), "rng": _rng_states()},
+               path + ".tmp")
+    os.replace(path + ".tmp", path)
+
+
+def _restore(path: str, model: Tagger, run: _Run) -> _State:
+    """Load model, optimiser, schedule and RNG states from a checkpoint; return its state."""
+    saved = torch.load(path, map_location=run.device, weights_only=False)
+    if saved.get("total_steps") != run.total_steps:
+        raise ParameterError(
+            f"checkpoint {path} was made for {saved.get('total_steps')} steps, this run "
+            f"plans {run.total_steps}: resume with the same epochs, batch size and data, or "
+            "use another work folder")
+    model.load_state_dict(saved["model"])
+    run.opt.load_state_dict(saved["optimizer"])
+    run.sched.load_state_dict(saved["scheduler"])
+    run.generator.set_state(saved["generator"])
+    _set_rng_states(saved["rng"])
+    return _State(epoch=saved["epoch"], best=saved["best"], best_epoch=saved["best_epoch"],
+                  best_state=saved["best_state"], history=saved["history"], step=saved["step"])
 
 
 def _rng_states() -> dict[str, Any]:

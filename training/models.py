@@ -77,6 +77,9 @@ MODEL_CONFIGS: dict[str, type[ModelConfig]] = {
 class Standardize(nn.Module):
     """``(x - mean) / std`` per input row, statistics fixed from the training set."""
 
+    mean: torch.Tensor
+    std: torch.Tensor
+
     def __init__(self, rows: int) -> None:
         super().__init__()
         self.register_buffer("mean", torch.zeros(rows, 1))

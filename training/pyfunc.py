@@ -9,8 +9,9 @@ Output: class probabilities ``(batch, n_classes)`` in ``meta['classes']`` order,
 from __future__ import annotations
 
 import warnings
+from typing import Any
 
-import mlflow.pyfunc
+from mlflow.pyfunc import PythonModel
 
 from training import artifact
 
@@ -20,13 +21,14 @@ from training import artifact
 # the definition records (and drops) its warnings instead.
 with warnings.catch_warnings(record=True):
 
-    class TaggerPyfunc(mlflow.pyfunc.PythonModel):
+    class TaggerPyfunc(PythonModel):
         """Wraps :class:`training.artifact.Predictor`."""
 
-        def load_context(self, context):  # type: ignore[no-untyped-def]
+        def load_context(self, context: Any) -> None:
             self.predictor = artifact.load(context.artifacts["artifact"])
 
-        def predict(self, context, model_input, params=None):  # type: ignore[no-untyped-def]
+        def predict(self, context: Any, model_input: Any,
+                    params: dict[str, Any] | None = None) -> Any:
             output = (params or {}).get("output", "probabilities")
             probs, emb = self.predictor.predict(model_input, embeddings=output == "embedding")
             return emb if output == "embedding" else probs

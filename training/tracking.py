@@ -11,6 +11,8 @@ from __future__ import annotations
 import json
 import os
 import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import mlflow
@@ -41,8 +43,8 @@ def configure(store: FeatureStore) -> str:
             raise StoreError(f"store {store.url} is on an object store: set "
                              "MLFLOW_TRACKING_URI to an MLflow server (`mtag stack up` runs "
                              "one) or a database URI")
-        os.makedirs(store.path("mlflow"), exist_ok=True)
-        uri = f"sqlite:///{store.path('mlflow', 'mlflow.db')}"
+        os.makedirs(store.mlflow_dir(), exist_ok=True)
+        uri = f"sqlite:///{store.mlflow_db()}"
     mlflow.set_tracking_uri(uri)
     mlflow.set_registry_uri(uri)
     return uri
@@ -100,10 +102,33 @@ def experiment(store: FeatureStore, name: str) -> str:
         return str(found.experiment_id)
     location = None
     if not mlflow.get_tracking_uri().startswith(("http://", "https://", "databricks")):
-        location = store.uri(store.path("mlflow", "artifacts", name))
+        location = store.uri(f"{store.mlflow_dir()}/artifacts/{name}")
         if store.is_local:
             location = "file://" + location
     return str(mlflow.create_experiment(name, artifact_location=location))
+
+
+@contextmanager
+def parent_run(experiment_id: str, run_name: str, tags: dict[str, str] | None = None
+               ) -> Iterator[str]:
+    """Run of one training invocation in ``experiment_id``; yields its run id.
+
+    The candidates' runs (:func:`child_run`) nest under it; it ends with the block (failed if
+    the block raises).
+    """
+    with mlflow.start_run(experiment_id=experiment_id, run_name=run_name, tags=tags) as run:
+        yield str(run.info.run_id)
+
+
+@contextmanager
+def child_run(run_name: str) -> Iterator[str]:
+    """Run nested under the active run and in its experiment; yields its run id."""
+    parent = mlflow.active_run()
+    # a nested run does not inherit its parent's experiment: without this it would land in
+    # MLflow's "Default" experiment, with artifacts under the working directory
+    with mlflow.start_run(run_name=run_name, nested=True,
+                          experiment_id=parent.info.experiment_id if parent else None) as run:
+        yield str(run.info.run_id)
 
 
 def log_params(params: dict[str, Any]) -> None:
@@ -170,8 +195,8 @@ def annotate_run(run_id: str, *, metrics: dict[str, float], tags: dict[str, str]
     for key, value in metrics.items():
         if isinstance(value, (int, float)) and np.isfinite(value):
             client.log_metric(run_id, key, float(value))
-    for key, value in tags.items():
-        client.set_tag(run_id, key, value)
+    for key, tag in tags.items():
+        client.set_tag(run_id, key, tag)
     client.log_dict(run_id, document[1], document[0])
 
 

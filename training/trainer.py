@@ -1,7 +1,7 @@
 """Fit and evaluate one model on a labelled feature set (no MLflow, no Prefect here).
 
-:func:`prepare` matches labels to the store's tracks and splits them; :func:`fit` trains a
-named model and returns its predictor, reports and artifact folder; :func:`evaluate_split`
+:func:`prepare` matches labels to the store's tracks and splits them; :func:`fit_candidate`
+trains a named model and returns its predictor, reports and artifact folder; :func:`evaluate_split`
 scores any predictor on a split of any prepared labelled set.
 """
 
@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -19,11 +20,12 @@ from featurestore.query import connect, run_query
 from featurestore.reader import TensorReader
 from featurestore.store import FeatureStore
 from tasks.errors import ParameterError
+from tasks.predictions import aggregate_tracks, align_classes
 from tasks.version import CODE_VERSION
 from training import artifact
 from training.classic import CLASSIC_MODELS, build_classic, fit_classic
 from training.data import SegmentDataset, SplitRows, row_statistics, split_rows, summary_frame
-from training.evaluate import aggregate_tracks, confidence_threshold, report
+from training.evaluate import confidence_threshold, report
 from training.labels import LabelSet, match_labels, read_labels
 from training.loop import (
     TrainConfig,
@@ -34,7 +36,7 @@ from training.loop import (
     seed_everything,
     train_network,
 )
-from training.models import MODEL_CONFIGS, build_model
+from training.models import MODEL_CONFIGS, Tagger, build_model
 
 MODEL_NAMES = (*MODEL_CONFIGS, *CLASSIC_MODELS)
 _EMPTY_REPORT: dict[str, Any] = {"n": 0, "accuracy": float("nan"), "macro_f1": float("nan"),
@@ -75,7 +77,7 @@ class Prepared:
 
     def split_counts(self) -> dict[str, int]:
         """Tracks per split."""
-        return {k: int(v) for k, v in self.splits.value_counts().items()}
+        return {str(k): int(v) for k, v in self.splits.value_counts().items()}
 
 
 @dataclass
@@ -123,58 +125,88 @@ def fit_candidate(prep: Prepared, model: str, workdir: str, *,
     if model not in MODEL_NAMES:
         raise ParameterError(f"unknown model {model!r}; choose from {list(MODEL_NAMES)} or auto")
     tc = train_config or TrainConfig()
-    labels = prep.labels
     started = time.perf_counter()
-    base_meta: dict[str, Any] = {
+    result: TrainResult | None = None
+    if model in CLASSIC_MODELS:
+        predictor, params = _fit_classic(prep, model, tc, model_params)
+    else:
+        predictor, params, result = _fit_network(prep, model, workdir, tc, model_params,
+                                                 resume=resume, on_epoch=on_epoch)
+    return _finish(prep, predictor, params, workdir, result=result, started=started)
+
+
+def _base_meta(prep: Prepared, model: str) -> dict[str, Any]:
+    """Artifact metadata every model kind shares."""
+    labels = prep.labels
+    return {
         "model": model, "classes": labels.classes, "multi_label": labels.multi_label,
         "feature_set": prep.feature_set, "feature_config": prep.store.config(
             prep.feature_set).to_dict(),
         "label_set": labels.digest, "code_version": CODE_VERSION,
     }
-    result: TrainResult | None = None
-    if model in CLASSIC_MODELS:
-        table, columns = prep.summary
-        parts = prep.parts("summary")
-        x = table[columns].to_numpy(np.float32)
-        est = build_classic(model, multi_label=labels.multi_label, seed=tc.seed,
-                            params=model_params, balance=tc.balance)
-        fit_classic(est, x[parts["train"].rows], parts["train"].targets,
-                    multi_label=labels.multi_label)
-        meta = base_meta | {"input": "summary", "columns": columns,
-                            "model_config": {"name": model, **(model_params or {})}}
-        predictor = artifact.Predictor(meta, sklearn_model=est)
-        params = {"model": model, **(model_params or {})}
-    else:
-        cfg = MODEL_CONFIGS[model](**(model_params or {}))
-        seed_everything(tc.seed)  # weights are initialised from the seed, not from history
-        reader = prep.reader
-        parts = prep.parts(cfg.input)
-        net = build_model(cfg, reader.shapes[cfg.input][0], len(labels.classes))
-        net.multi_label = labels.multi_label  # type: ignore[attr-defined]
-        net.standardize.set(*row_statistics(reader, parts["train"], cfg.input, seed=tc.seed))
-        train_ds = SegmentDataset(reader, parts["train"], cfg.input, crop_frames=tc.crop_frames,
-                                  seed=tc.seed)
-        valid_ds = SegmentDataset(reader, parts["valid"], cfg.input)
 
-        def score(m: Any) -> float:
-            if len(valid_ds) == 0:
-                return 0.0
-            probs, _ = predict(m, valid_ds)
-            ids, tp = aggregate_tracks(parts["valid"].track_ids, probs)
-            return float(report(labels.targets(ids), tp, labels.classes,
-                                multi_label=labels.multi_label)["macro_f1"])
 
-        ckpt = os.path.join(workdir, model, "checkpoints")
-        weights = balanced_weights(parts["train"].targets, multi_label=labels.multi_label) \
-            if tc.balance and len(parts["train"]) else None
-        result = train_network(net, train_ds, valid_ds, tc, multi_label=labels.multi_label,
-                       score=score, class_weights=weights, checkpoint_dir=ckpt, resume=resume,
-                       on_epoch=on_epoch)
-        net.cpu()
-        meta = base_meta | {"input": cfg.input, "model_config": cfg.to_dict(),
-                            "shape": list(reader.shapes[cfg.input])}
-        predictor = artifact.Predictor(meta, torch_model=net)
-        params = {**cfg.to_dict(), **{f"train.{k}": v for k, v in tc.to_dict().items()}}
+def _fit_classic(prep: Prepared, model: str, tc: TrainConfig,
+                 model_params: dict[str, Any] | None) -> tuple[artifact.Predictor, dict[str, Any]]:
+    """Fit a scikit-learn model on the segment summary columns; its predictor and params."""
+    multi = prep.labels.multi_label
+    table, columns = prep.summary
+    train = prep.parts("summary")["train"]
+    x = table[columns].to_numpy(np.float32)
+    est = build_classic(model, multi_label=multi, seed=tc.seed, params=model_params,
+                        balance=tc.balance)
+    fit_classic(est, x[train.rows], train.targets, multi_label=multi)
+    meta = _base_meta(prep, model) | {"input": "summary", "columns": columns,
+                                      "model_config": {"name": model, **(model_params or {})}}
+    return artifact.Predictor(meta, sklearn_model=est), {"model": model, **(model_params or {})}
+
+
+def _fit_network(prep: Prepared, model: str, workdir: str, tc: TrainConfig,
+                 model_params: dict[str, Any] | None, *, resume: bool, on_epoch: Any
+                 ) -> tuple[artifact.Predictor, dict[str, Any], TrainResult]:
+    """Train a network on segment tensors, checkpointing under ``workdir/model``."""
+    labels = prep.labels
+    cfg = MODEL_CONFIGS[model](**(model_params or {}))
+    seed_everything(tc.seed)  # weights are initialised from the seed, not from history
+    reader = prep.reader
+    parts = prep.parts(cfg.input)
+    net = build_model(cfg, reader.shapes[cfg.input][0], len(labels.classes))
+    net.multi_label = labels.multi_label  # type: ignore[assignment]
+    net.standardize.set(*row_statistics(reader, parts["train"], cfg.input, seed=tc.seed))
+    train_ds = SegmentDataset(reader, parts["train"], cfg.input, crop_frames=tc.crop_frames,
+                              seed=tc.seed)
+    valid_ds = SegmentDataset(reader, parts["valid"], cfg.input)
+    weights = balanced_weights(parts["train"].targets, multi_label=labels.multi_label) \
+        if tc.balance and len(parts["train"]) else None
+    result = train_network(net, train_ds, valid_ds, tc, multi_label=labels.multi_label,
+                           score=_valid_score(labels, valid_ds), class_weights=weights,
+                           checkpoint_dir=os.path.join(workdir, model, "checkpoints"),
+                           resume=resume, on_epoch=on_epoch)
+    net.cpu()
+    meta = _base_meta(prep, model) | {"input": cfg.input, "model_config": cfg.to_dict(),
+                                      "shape": list(reader.shapes[cfg.input])}
+    params = {**cfg.to_dict(), **{f"train.{k}": v for k, v in tc.to_dict().items()}}
+    return artifact.Predictor(meta, torch_model=net), params, result
+
+
+def _valid_score(labels: LabelSet, valid_ds: SegmentDataset) -> Callable[[Tagger], float]:
+    """Track-level validation macro-F1 of a network (0 without validation segments)."""
+
+    def score(net: Tagger) -> float:
+        if len(valid_ds) == 0:
+            return 0.0
+        probs, _ = predict(net, valid_ds)
+        agg = aggregate_tracks(valid_ds.part.track_ids, probs)
+        return float(report(labels.targets(agg.track_ids), agg.probabilities, labels.classes,
+                            multi_label=labels.multi_label)["macro_f1"])
+
+    return score
+
+
+def _finish(prep: Prepared, predictor: artifact.Predictor, params: dict[str, Any],
+            workdir: str, *, result: TrainResult | None, started: float) -> FitOutput:
+    """Set the open-set threshold on valid, report on test, save the artifact."""
+    labels, model = prep.labels, predictor.meta["model"]
     ids, probs, targets = predict_split(predictor, prep, "valid", tracks=True)
     valid_track = report(targets, probs, labels.classes, multi_label=labels.multi_label) \
         if len(ids) else _EMPTY_REPORT
@@ -184,9 +216,10 @@ def fit_candidate(prep: Prepared, model: str, workdir: str, *,
     out_dir = os.path.join(workdir, model, "artifact")
     artifact.save(out_dir, predictor.meta, torch_model=predictor.torch_model,
                   sklearn_model=predictor.sklearn_model)
-    if predictor.torch_model is not None:
+    net = predictor.torch_model
+    if net is not None:
         predictor = replace(predictor, device=pick_device())
-        predictor.torch_model.to(predictor.device)
+        net.to(predictor.device)
     return FitOutput(model, predictor, out_dir, params, valid_track, test_seg, test_track,
                      history=result.history if result else [],
                      train_seconds=time.perf_counter() - started,
@@ -210,11 +243,11 @@ def predict_split(predictor: artifact.Predictor, prep: Prepared, split: str, *,
             predictor.predict(np.stack([prep.reader.matrix(kind, int(r))
                                         for r in part.rows[i:i + 512]]))[0]
             for i in range(0, len(part), 512)])
-    probs = _align(probs, predictor.classes, prep.labels.classes)
+    probs = align_classes(probs, predictor.classes, prep.labels.classes)
     if not tracks:
         return part.track_ids, probs, part.targets
-    ids, tp = aggregate_tracks(part.track_ids, probs)
-    return ids, tp, prep.labels.targets(ids)
+    agg = aggregate_tracks(part.track_ids, probs)
+    return agg.track_ids, agg.probabilities, prep.labels.targets(agg.track_ids)
 
 
 def evaluate_split(predictor: artifact.Predictor, prep: Prepared, split: str
@@ -225,17 +258,6 @@ def evaluate_split(predictor: artifact.Predictor, prep: Prepared, split: str
     if len(ids) == 0:
         return _EMPTY_REPORT, _EMPTY_REPORT
     seg = report(targets, probs, classes, multi_label=multi)
-    tids, tp = aggregate_tracks(ids, probs)
-    return seg, report(prep.labels.targets(tids), tp, classes, multi_label=multi)
-
-
-def _align(probs: np.ndarray, model_classes: list[str], classes: list[str]) -> np.ndarray:
-    """Reorder a model's probability columns to ``classes`` (missing classes are 0)."""
-    if model_classes == classes:
-        return probs
-    index = {c: i for i, c in enumerate(model_classes)}
-    out = np.zeros((len(probs), len(classes)), dtype=np.float32)
-    for j, c in enumerate(classes):
-        if c in index:
-            out[:, j] = probs[:, index[c]]
-    return out
+    agg = aggregate_tracks(ids, probs)
+    return seg, report(prep.labels.targets(agg.track_ids), agg.probabilities, classes,
+                       multi_label=multi)

@@ -6,7 +6,15 @@ import numpy as np
 import pytest
 
 from tasks.errors import ParameterError
-from tasks.predictions import aggregate_tracks, confident, l2_normalize, score_rows, tags, top_k
+from tasks.predictions import (
+    aggregate_tracks,
+    align_classes,
+    confident,
+    l2_normalize,
+    score_rows,
+    tags,
+    top_k,
+)
 
 
 def test_aggregate_is_the_mean_per_track_in_any_order(rng):
@@ -30,6 +38,20 @@ def test_aggregate_checks_rows_and_handles_empty():
         aggregate_tracks(np.array(["a"], dtype=object), np.zeros((2, 3)))
     empty = aggregate_tracks(np.array([], dtype=object), np.zeros((0, 3)), np.zeros((0, 4)))
     assert empty.probabilities.shape == (0, 3) and empty.embeddings.shape == (0, 4)
+
+
+def test_align_classes_reorders_and_fills_unknown_classes_with_zero():
+    p = np.array([[0.1, 0.2, 0.7], [0.5, 0.3, 0.2]], dtype=np.float32)
+    model = ["a", "b", "c"]
+    np.testing.assert_array_equal(align_classes(p, model, ["c", "a", "b"]), p[:, [2, 0, 1]])
+    out = align_classes(p, model, ["b", "new", "a"])  # "new": never learned, "c": dropped
+    want = np.array([[0.2, 0.0, 0.1], [0.3, 0.0, 0.5]], dtype=np.float32)
+    np.testing.assert_array_equal(out, want)
+    assert out.dtype == np.float32
+    same = align_classes(p, model, list(model))
+    np.testing.assert_array_equal(same, p)
+    with pytest.raises(ParameterError, match=r"\(n, 3\)"):
+        align_classes(p[:, :2], model, model)
 
 
 def test_l2_normalize_unit_rows_and_zero_rows_stay_zero():

@@ -4,8 +4,9 @@ import numpy as np
 import pytest
 import torch
 
+from tasks.predictions import aggregate_tracks
 from training.augment import mixup, spec_augment
-from training.evaluate import aggregate_tracks, confidence_threshold, report
+from training.evaluate import confidence_threshold, report
 from training.models import MODEL_CONFIGS, build_model, config_from_dict
 
 
@@ -44,7 +45,8 @@ def test_mixup_is_convex():
 def test_track_aggregation_and_report():
     ids = np.array(["b", "a", "b", "a"], dtype=object)
     probs = np.array([[0.2, 0.8], [0.9, 0.1], [0.4, 0.6], [0.7, 0.3]], dtype=np.float32)
-    tids, tp = aggregate_tracks(ids, probs)
+    agg = aggregate_tracks(ids, probs)
+    tids, tp = agg.track_ids, agg.probabilities
     assert list(tids) == ["a", "b"]
     np.testing.assert_allclose(tp, [[0.8, 0.2], [0.3, 0.7]], atol=1e-6)
     rep = report(np.eye(2, dtype=np.float32), tp, ["x", "y"], multi_label=False)

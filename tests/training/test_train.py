@@ -92,11 +92,11 @@ def test_train_flow_registers_promotes_and_reloads(labelled_store, mlflow_env, t
     name = f"test-{tmp_path.name}"[:60]
     first = train_flow(store=store, labels=labels, model="linear", registered_name=name,
                         valid_size=0.2, test_size=0.2, workdir=str(tmp_path / "w1"))
-    assert first["promotion"]["promoted"] and first["promotion"]["version"] == "1"
+    assert first.promotion["promoted"] and first.promotion["version"] == "1"
     client = MlflowClient()
     assert str(client.get_model_version_by_alias(name, "champion").version) == "1"
     assert str(client.get_model_version_by_alias(name, "candidate").version) == "1"
-    run = client.get_run(first["best"]["run_id"])
+    run = client.get_run(first.best["run_id"])
     # the candidate's run, its artifacts and its logged model live in the model's experiment,
     # inside the store (not in MLflow's Default experiment under the working directory)
     assert run.info.experiment_id == client.get_experiment_by_name(name).experiment_id
@@ -121,7 +121,7 @@ def test_train_flow_registers_promotes_and_reloads(labelled_store, mlflow_env, t
                          valid_size=0.2, test_size=0.2, workdir=str(tmp_path / "w2"),
                          train_config={"epochs": 1, "max_steps": 1, "batch_size": 8},
                          model_params={"channels": [4, 4, 4], "embed_dim": 8})
-    promo = second["promotion"]
+    promo = second.promotion
     assert promo["version"] == "2" and not promo["promoted"], promo
     assert promo["champion_test_macro_f1"] >= promo["candidate_test_macro_f1"]
     assert str(client.get_model_version_by_alias(name, "champion").version) == "1"
@@ -132,7 +132,7 @@ def test_train_flow_registers_promotes_and_reloads(labelled_store, mlflow_env, t
     x = prep.summary[0][prep.summary[1]].head(5)
     loaded = tracking.load_pyfunc(f"models:/{name}@champion")
     from training.artifact import load
-    direct = load(first["best"]["artifact_dir"]).predict(x)[0]
+    direct = load(first.best["artifact_dir"]).predict(x)[0]
     np.testing.assert_allclose(loaded.predict(x), direct, rtol=1e-6)
     emb = loaded.predict(x, params={"output": "embedding"})
     assert emb.shape[0] == 5

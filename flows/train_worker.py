@@ -1,0 +1,140 @@
+"""Worker-side bodies of the train tasks: fit one candidate in its MLflow run, register the best
+one and move the ``champion`` alias only if it wins.
+
+Plain functions (the Prefect wrappers are in :mod:`flows.train`). They connect the trainer
+(:mod:`training.trainer`) and its reports and plots (:mod:`training.evaluate`) to MLflow, whose
+every call goes through :mod:`training.tracking`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from typing import Any
+
+import numpy as np
+
+from tasks.version import CODE_VERSION
+from training import tracking
+from training.artifact import load as load_artifact
+from training.evaluate import confusion_png, curves_png, render_report
+from training.loop import TrainConfig
+from training.trainer import FitOutput, Prepared, evaluate_split, fit_candidate
+
+
+def fit_and_log(prep: Prepared, model: str, workdir: str, train_config: TrainConfig,
+                model_params: dict[str, Any] | None, name: str) -> dict[str, Any]:
+    """Fit ``model`` in a child run of the active run: params, epochs, reports, plots, model.
+
+    Returns
+    -------
+    dict
+        ``model``, ``run_id``, ``model_uri``, ``valid_macro_f1``, ``test`` (the test-track
+        report), ``artifact_dir``, ``segments_per_s``, ``train_seconds``, ``data_wait_share``
+        and ``registered_name``.
+    """
+    with tracking.child_run(model) as run_id:
+        tracking.log_params({
+            "model": model, "feature_set": prep.feature_set, "label_set": prep.labels.digest,
+            "classes": prep.labels.classes, "multi_label": prep.labels.multi_label,
+            "split": prep.split_counts(), "seed": train_config.seed,
+            "code_version": CODE_VERSION,
+        })
+        out = fit_candidate(prep, model, workdir, train_config=train_config,
+                            model_params=model_params,
+                            on_epoch=lambda epoch, m: tracking.log_metrics(
+                                {f"epoch_{k}": v for k, v in m.items()}, step=epoch))
+        tracking.log_params({k: v for k, v in out.params.items() if k != "model"})
+        _log_outputs(out, prep)
+        uri = tracking.log_model(out.artifact_dir, out.predictor.meta, _example(out, prep))
+        return {"model": model, "run_id": run_id, "model_uri": uri,
+                "valid_macro_f1": out.valid.get("macro_f1", float("nan")),
+                "test": out.test_track, "artifact_dir": out.artifact_dir,
+                "segments_per_s": out.segments_per_s, "train_seconds": out.train_seconds,
+                "data_wait_share": out.data_wait_share, "registered_name": name}
+
+
+def register_and_promote(prep: Prepared, best: dict[str, Any], name: str) -> dict[str, Any]:
+    """Register ``best`` (alias ``candidate``) and move ``champion`` to it if it wins.
+
+    The decision is logged to ``best``'s run (metrics, tags and ``promotion.json``).
+
+    Returns
+    -------
+    dict
+        ``version``, ``candidate_test_macro_f1``, ``promoted``, ``reason`` and, when there is
+        a champion, ``champion_version`` (and ``champion_test_macro_f1`` when it was compared).
+    """
+    version = tracking.register(best["model_uri"], name, {
+        "feature_set": prep.feature_set, "label_set": prep.labels.digest,
+        "model": best["model"]})
+    cand_f1 = float(best["test"].get("macro_f1", float("nan")))
+    decision: dict[str, Any] = {"version": version, "candidate_test_macro_f1": cand_f1}
+    decision |= _versus_champion(prep, name, cand_f1)
+    if decision["promoted"]:
+        tracking.set_alias(name, tracking.CHAMPION, version)
+    tracking.annotate_run(
+        best["run_id"],
+        metrics={k: v for k, v in decision.items() if k.endswith("macro_f1")},
+        tags={"promotion": "promoted" if decision["promoted"] else "not promoted",
+              "promotion_reason": decision["reason"]},
+        document=("promotion.json", decision))
+    return decision
+
+
+def _versus_champion(prep: Prepared, name: str, cand_f1: float) -> dict[str, Any]:
+    """Whether a candidate with test macro-F1 ``cand_f1`` takes ``champion``, and why.
+
+    The champion is scored on the same test tracks; one trained on another feature set is
+    replaced, since it cannot be compared.
+    """
+    champion = tracking.alias_version(name, tracking.CHAMPION)
+    if champion is None:
+        return {"promoted": True, "reason": "no champion yet"}
+    champ = load_artifact(tracking.load_artifact_dir(f"models:/{name}/{champion.version}"))
+    if champ.meta["feature_set"] != prep.feature_set:
+        return {"promoted": True, "champion_version": champion.version,
+                "reason": f"champion v{champion.version} uses feature set "
+                          f"{champ.meta['feature_set']}, not {prep.feature_set}"}
+    _, champ_track = evaluate_split(champ, prep, "test")
+    champ_f1 = float(champ_track.get("macro_f1", float("nan")))
+    wins = bool(np.isfinite(cand_f1) and (not np.isfinite(champ_f1) or cand_f1 > champ_f1))
+    return {"promoted": wins, "champion_version": champion.version,
+            "champion_test_macro_f1": champ_f1,
+            "reason": ("candidate beats champion" if wins else "champion is at least as good")
+            + f" on the same {champ_track['n']} test tracks"}
+
+
+def _log_outputs(out: FitOutput, prep: Prepared) -> None:
+    """Log the reports, the plots, the label map and the run's timing metrics."""
+    classes = prep.labels.classes
+    with tempfile.TemporaryDirectory() as tmp:
+        for key, rep in (("valid_track", out.valid), ("test_track", out.test_track),
+                         ("test_segment", out.test_segment)):
+            tracking.log_report(rep, key, render_report(rep, key) if rep.get("n") else None)
+        if "confusion" in out.test_track:
+            path = os.path.join(tmp, "confusion_test_track.png")
+            confusion_png(out.test_track, classes, path, f"{out.model}: test tracks")
+            tracking.log_file(path, "plots")
+        if out.history:
+            path = os.path.join(tmp, "training_curves.png")
+            curves_png(out.history, path)
+            tracking.log_file(path, "plots")
+        path = os.path.join(tmp, "label_map.json")
+        with open(path, "w") as fh:
+            json.dump({"classes": classes, "multi_label": prep.labels.multi_label,
+                       "threshold": out.predictor.meta.get("threshold")}, fh, indent=1)
+        tracking.log_file(path)
+    tracking.log_metrics({"train_seconds": out.train_seconds,
+                          "train_segments_per_s": out.segments_per_s,
+                          "data_wait_share": out.data_wait_share,
+                          "threshold": float(out.predictor.meta.get("threshold", 0.0))})
+
+
+def _example(out: FitOutput, prep: Prepared) -> Any:
+    """Input example logged with the model: two summary rows or one feature matrix."""
+    if out.predictor.input == "summary":
+        table, columns = prep.summary
+        return table[columns].head(2)
+    return np.stack([prep.reader.matrix(out.predictor.input, 0)]).astype(np.float32)
