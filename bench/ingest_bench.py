@@ -33,38 +33,27 @@ from __future__ import annotations
 import os
 import sys
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-RESULTS = os.path.join(REPO, "bench", "results")
-if REPO not in sys.path:
-    sys.path.insert(0, REPO)
+# First: the repository on sys.path, then the environment before numpy/Prefect/Dask are
+# imported: the CLI's defaults (one BLAS/OpenMP thread per process, quiet logs; Dask workers
+# inherit them), and a Prefect home of the bench's own so that concurrent work using
+# ~/.prefect does not share its SQLite database.
+import benchenv
 
-# Environment before numpy/Prefect/Dask are imported: the CLI's defaults (one BLAS/OpenMP
-# thread per process, quiet logs; Dask workers inherit them), and a Prefect home of the bench's
-# own so that concurrent work using ~/.prefect does not share its SQLite database.
-from flows.settings import apply_defaults  # noqa: E402
-
-apply_defaults(quiet=True)
-os.environ.setdefault("PREFECT_HOME", os.path.join(RESULTS, "prefect-home"))
-os.makedirs(os.environ["PREFECT_HOME"], exist_ok=True)
+benchenv.apply_cli_defaults()
 
 import argparse  # noqa: E402
 import contextlib  # noqa: E402
 import cProfile  # noqa: E402
-import datetime as dt  # noqa: E402
 import io  # noqa: E402
-import json  # noqa: E402
 import math  # noqa: E402
-import platform  # noqa: E402
 import pstats  # noqa: E402
 import random  # noqa: E402
 import shutil  # noqa: E402
 import statistics  # noqa: E402
-import subprocess  # noqa: E402
 import tempfile  # noqa: E402
 import time  # noqa: E402
 from collections.abc import Callable, Sequence  # noqa: E402
 from dataclasses import dataclass, field  # noqa: E402
-from importlib import metadata  # noqa: E402
 from typing import Any  # noqa: E402
 
 import numpy as np  # noqa: E402
@@ -83,64 +72,7 @@ VERSION_PACKAGES = ("mtag", "numpy", "scipy", "librosa", "soxr", "soundfile", "n
 
 
 # ----------------------------------------------------------------------------------------
-# machine facts, shared with orchestration_bench.py
-def machine_info() -> dict[str, Any]:
-    """Cores, CPU model, memory, load, versions, git commit."""
-    model = None
-    with contextlib.suppress(OSError), open("/proc/cpuinfo") as fh:
-        for line in fh:
-            if line.startswith("model name"):
-                model = line.split(":", 1)[1].strip()
-                break
-    mem_mb = None
-    with contextlib.suppress(OSError, ValueError), open("/proc/meminfo") as fh:
-        for line in fh:
-            if line.startswith("MemTotal:"):
-                mem_mb = int(line.split()[1]) / 1024.0
-    versions = {}
-    for name in VERSION_PACKAGES:
-        try:
-            versions[name] = metadata.version(name)
-        except metadata.PackageNotFoundError:
-            versions[name] = None
-    versions["python"] = platform.python_version()
-    try:
-        import soundfile as sf
-
-        versions["libsndfile"] = sf.__libsndfile_version__
-    except Exception:  # pragma: no cover - informational only
-        pass
-    return {
-        "cpu_count": os.cpu_count(),
-        "cpu_affinity": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity")
-        else None,
-        "cpu_model": model,
-        "mem_total_mb": mem_mb,
-        "platform": platform.platform(),
-        "loadavg_start": os.getloadavg(),
-        "versions": versions,
-        "git": _git_state(),
-        "env_threads": {k: os.environ.get(k) for k in
-                        ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS")},
-    }
-
-
-def _git_state() -> dict[str, Any]:
-    def git(*args: str) -> str:
-        return subprocess.run(["git", *args], cwd=REPO, capture_output=True, text=True,
-                              check=False).stdout.strip()
-
-    import hashlib
-
-    diff = git("diff", "HEAD", "--", "flows", "tasks", "featurestore")
-    return {"commit": git("rev-parse", "HEAD"),
-            "subject": git("log", "-1", "--format=%s"),
-            "dirty": bool(git("status", "--porcelain", "--untracked-files=no")),
-            "dirty_files": git("diff", "HEAD", "--name-only").split(),
-            "code_diff_hash": hashlib.blake2b(diff.encode(), digest_size=6).hexdigest()
-            if diff else None}
-
-
+# helpers shared with orchestration_bench.py
 def dir_size_mb(path: str) -> float:
     """Bytes under ``path`` in MiB."""
     total = 0
@@ -149,25 +81,6 @@ def dir_size_mb(path: str) -> float:
             with contextlib.suppress(OSError):
                 total += os.path.getsize(os.path.join(root, name))
     return total / 2**20
-
-
-def write_json(data: dict[str, Any], name: str, out: str | None) -> str:
-    """Write ``data`` to ``out`` or ``bench/results/<name>-<time>.json``; return the path."""
-    if out is None:
-        os.makedirs(RESULTS, exist_ok=True)
-        stamp = dt.datetime.now().strftime("%Y%m%d-%H%M%S")
-        out = os.path.join(RESULTS, f"{name}-{stamp}.json")
-    with open(out, "w") as fh:
-        json.dump(data, fh, indent=1, default=_json_default)
-    return out
-
-
-def _json_default(x: Any) -> Any:
-    if isinstance(x, np.generic):
-        return x.item()
-    if isinstance(x, np.ndarray):
-        return x.tolist()
-    return str(x)
 
 
 @contextlib.contextmanager
@@ -286,7 +199,7 @@ def run_pipeline(source: str, workers: int, *, keep_store: bool = False,
     t0 = time.perf_counter()
     with CpuMonitor() as mon:
         summary = run_ingest(source, store, n_workers=workers, progress=False,
-                             dask_address=dask_address, echo=False)
+                             dask_address=dask_address)
     outer = time.perf_counter() - t0
     w = max(1, summary.workers)
     cpu = mon.figures()
@@ -434,8 +347,14 @@ def time_method(fn: Callable[[str, Baselines], float], files: Sequence[str], b: 
             audio += fn(path, b)
         walls.append(time.perf_counter() - w0)
         cpus.append(time.process_time() - c0)
+    return _timings(len(files), audio, walls, cpus)
+
+
+def _timings(files: int, audio: float, walls: list[float], cpus: list[float]
+             ) -> dict[str, Any]:
+    """The figures of ``audio`` seconds processed in each of the timed passes."""
     wall, cpu = statistics.median(walls), statistics.median(cpus)
-    return {"files": len(files), "audio_s": audio, "walls_s": walls, "cpus_s": cpus,
+    return {"files": files, "audio_s": audio, "walls_s": walls, "cpus_s": cpus,
             "wall_s": wall, "cpu_s": cpu, "realtime_x": audio / wall,
             "cpu_realtime_x": audio / cpu if cpu > 0 else None}
 
@@ -510,10 +429,7 @@ def shard_inprocess(files: Sequence[str], workers: int, repeats: int) -> dict[st
         audio = sum(r.audio_s for r in results)
         n_shards = len(results)
         failed = sum(r.n_failed for r in results)
-    wall, cpu = statistics.median(walls), statistics.median(cpus)
-    return {"files": len(files), "audio_s": audio, "walls_s": walls, "cpus_s": cpus,
-            "wall_s": wall, "cpu_s": cpu, "realtime_x": audio / wall,
-            "cpu_realtime_x": audio / cpu if cpu > 0 else None,
+    return {**_timings(len(files), audio, walls, cpus),
             "compute_s": statistics.median(computes), "shards": n_shards, "failed": failed,
             "probe_wall_s": probe_wall, "probe_cpu_s": probe_cpu}
 
@@ -627,10 +543,7 @@ def render(res: dict[str, Any]) -> str:
     lines.append(f"   {src['files']} audio files, {src['audio_header_s'] / 3600:.3f} h audio "
                  f"(headers); {m['cpu_count']} cores ({m['cpu_model']}); "
                  f"load at start {m['loadavg_start'][0]:.2f}")
-    g = m["git"]
-    lines.append(f"   code: {g['commit'][:7]}" + (f" + uncommitted changes "
-                 f"({', '.join(g['dirty_files'])}; diff {g['code_diff_hash']})"
-                 if g["dirty"] else ""))
+    lines.append(f"   {benchenv.git_line(m['git'])}")
     runs = res["pipeline"]
     if runs:
         lines.append("")
@@ -784,9 +697,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.profile:
         text = profile_ours(files, args.profile_files)
         print(text)
-        os.makedirs(RESULTS, exist_ok=True)
-        stamp = dt.datetime.now().strftime("%Y%m%d-%H%M%S")
-        path = os.path.join(RESULTS, f"profile-{name}-{stamp}.txt")
+        path = benchenv.result_path(f"profile-{name}", ".txt")
         with open(path, "w") as fh:
             fh.write(text)
         print(f"profile written to {path}")
@@ -795,8 +706,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     durations = header_durations(files)
     res: dict[str, Any] = {
         "bench": "ingest",
-        "started": dt.datetime.now().isoformat(timespec="seconds"),
-        "machine": machine_info(),
+        "started": benchenv.now(),
+        "machine": benchenv.environment(VERSION_PACKAGES),
         "source": {"path": source, "files": len(files), "limit": args.limit,
                    "audio_header_s": sum(durations.values())},
         "workers": args.workers,
@@ -818,7 +729,7 @@ def main(argv: Sequence[str] | None = None) -> int:
               flush=True)
         from flows.cluster import dask_cluster
 
-        with dask_cluster(None, n_workers=args.workers, echo=False) as cluster:
+        with dask_cluster(None, n_workers=args.workers) as cluster:
             run_pipeline(ingest_source, args.workers, dask_address=cluster.address)  # warm-up
             warm = []
             for i in range(args.pipeline_runs):
@@ -875,7 +786,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     res["ratios"] = compute_ratios(res)
     res["machine"]["loadavg_end"] = os.getloadavg()
-    res["finished"] = dt.datetime.now().isoformat(timespec="seconds")
+    res["finished"] = benchenv.now()
     table = render(res)
     if res.get("parallel") and res["pipeline"]:
         heads = [r for r in res["pipeline"] if r.get("headline")] or res["pipeline"][-1:]
@@ -902,7 +813,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     res["table"] = table
     print()
     print(table)
-    path = write_json(res, f"ingest-{name.replace(' ', '_')}", args.out)
+    path = benchenv.write_json(res, f"ingest-{name.replace(' ', '_')}", args.out)
     print(f"\nresults written to {path}")
     return 0
 

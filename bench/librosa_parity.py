@@ -12,14 +12,13 @@ from __future__ import annotations
 import argparse
 import glob
 import os
-import sys
 
+import benchenv  # noqa: F401  (before tasks.*: puts the repository on sys.path)
 import librosa
 import numpy as np
 import soundfile as sf
 import soxr
 
-sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "tests"))
 from tasks.config import FeatureConfig
 from tasks.features import SCALAR_FEATURES, SpectralExtractor, contrast_db, max_db
 from tasks.segment import SegmentStream

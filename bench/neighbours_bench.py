@@ -64,32 +64,19 @@ Usage::
 
 from __future__ import annotations
 
+import argparse
+import gc
+import math
 import os
-import sys
+import statistics
+import time
+from typing import Any
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-RESULTS = os.path.join(REPO, "bench", "results")
-if REPO not in sys.path:
-    sys.path.insert(0, REPO)
+import benchenv  # before tasks.*: puts the repository on sys.path
+import numpy as np
 
-import argparse  # noqa: E402
-import contextlib  # noqa: E402
-import datetime as dt  # noqa: E402
-import gc  # noqa: E402
-import hashlib  # noqa: E402
-import json  # noqa: E402
-import math  # noqa: E402
-import platform  # noqa: E402
-import statistics  # noqa: E402
-import subprocess  # noqa: E402
-import time  # noqa: E402
-from importlib import metadata  # noqa: E402
-from typing import Any  # noqa: E402
-
-import numpy as np  # noqa: E402
-
-from tasks.predictions import l2_normalize  # noqa: E402
-from tasks.similarity import AnnIndex, exact_search, recall_at_k  # noqa: E402
+from tasks.predictions import l2_normalize
+from tasks.similarity import AnnIndex, exact_search, recall_at_k
 
 K = 10
 TARGET_RECALL = 0.95
@@ -98,70 +85,16 @@ BATCH_REPEATS = 3
 GEN_CHUNK = 100_000
 ALL_BACKENDS = ("usearch", "faiss", "hnswlib")
 VERSION_PACKAGES = ("mtag", "numpy", "faiss-cpu", "usearch", "hnswlib", "threadpoolctl")
+CODE_PATHS = ("tasks/similarity.py", "tasks/predictions.py")  # what the diff hash covers
 
 
 # ----------------------------------------------------------------------------------------
 # machine facts
 def machine_info() -> dict[str, Any]:
-    """Cores, CPU model, memory, load, versions, git commit."""
-    model = None
-    with contextlib.suppress(OSError), open("/proc/cpuinfo") as fh:
-        for line in fh:
-            if line.startswith("model name"):
-                model = line.split(":", 1)[1].strip()
-                break
-    mem_mb = None
-    with contextlib.suppress(OSError, ValueError), open("/proc/meminfo") as fh:
-        for line in fh:
-            if line.startswith("MemTotal:"):
-                mem_mb = int(line.split()[1]) / 1024.0
-    versions: dict[str, str | None] = {}
-    for name in VERSION_PACKAGES:
-        try:
-            versions[name] = metadata.version(name)
-        except metadata.PackageNotFoundError:
-            versions[name] = None
-    versions["python"] = platform.python_version()
-    blas = None
-    with contextlib.suppress(Exception):
-        from threadpoolctl import threadpool_info
-
-        blas = [{k: i.get(k) for k in ("internal_api", "version", "num_threads", "filepath")}
-                for i in threadpool_info()]
-    return {
-        "cpu_count": os.cpu_count(),
-        "cpu_affinity": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity")
-        else None,
-        "cpu_model": model,
-        "mem_total_mb": mem_mb,
-        "platform": platform.platform(),
-        "loadavg_start": os.getloadavg(),
-        "versions": versions,
-        "threadpools": blas,
-        "git": _git_state(),
-        "env_threads": {k: os.environ.get(k) for k in
-                        ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS")},
-    }
-
-
-def _git_state() -> dict[str, Any]:
-    def git(*args: str) -> str:
-        return subprocess.run(["git", *args], cwd=REPO, capture_output=True, text=True,
-                              check=False).stdout.strip()
-
-    diff = git("diff", "HEAD", "--", "tasks/similarity.py", "tasks/predictions.py")
-    return {"commit": git("rev-parse", "HEAD"),
-            "subject": git("log", "-1", "--format=%s"),
-            "dirty": bool(git("status", "--porcelain", "--untracked-files=no")),
-            "similarity_untracked": bool(git("status", "--porcelain", "--",
-                                             "tasks/similarity.py").startswith("??")),
-            "code_diff_hash": hashlib.blake2b(diff.encode(), digest_size=6).hexdigest()
-            if diff else None}
-
-
-def _cpus() -> int:
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (
-        os.cpu_count() or 1)
+    """Cores, CPU model, memory, load, versions, BLAS pools, git commit."""
+    info = benchenv.environment(VERSION_PACKAGES, code_paths=CODE_PATHS, threadpools=True)
+    info["git"]["similarity_untracked"] = benchenv.untracked("tasks/similarity.py")
+    return info
 
 
 # ----------------------------------------------------------------------------------------
@@ -480,24 +413,6 @@ def crossover_line(c: dict[str, Any], sizes: list[int]) -> str:
     return f"ANN all-pairs beats exact all-pairs {measured}; {est_txt}"
 
 
-def write_json(data: dict[str, Any], out: str | None) -> str:
-    """Write ``data`` to ``out`` or ``bench/results/neighbours-<time>.json``; return the path."""
-    if out is None:
-        os.makedirs(RESULTS, exist_ok=True)
-        out = os.path.join(RESULTS, f"neighbours-{dt.datetime.now():%Y%m%d-%H%M%S}.json")
-    with open(out, "w") as fh:
-        json.dump(data, fh, indent=1, default=_json_default)
-    return out
-
-
-def _json_default(x: Any) -> Any:
-    if isinstance(x, np.generic):
-        return x.item()
-    if isinstance(x, np.ndarray):
-        return x.tolist()
-    return str(x)
-
-
 # ----------------------------------------------------------------------------------------
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__,
@@ -517,7 +432,7 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", help="JSON path (default bench/results/neighbours-<time>.json)")
     args = ap.parse_args()
-    threads = args.threads or _cpus()
+    threads = args.threads or benchenv.cpus()
 
     from threadpoolctl import threadpool_limits
 
@@ -588,7 +503,7 @@ def main() -> None:
             "machine": machine, "skipped_backends": skipped, "results": results,
             "crossover": cross, "summary": [recommendation_line(r) for r in results] + [line],
             "total_s": time.perf_counter() - t_start, "loadavg_end": os.getloadavg()}
-    print(f"results written to {write_json(data, args.out)}")
+    print(f"results written to {benchenv.write_json(data, 'neighbours', args.out)}")
 
 
 if __name__ == "__main__":

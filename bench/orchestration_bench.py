@@ -27,14 +27,14 @@ import sys
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import argparse
-import datetime as dt
 import shutil
 import tempfile
 import time
 from collections.abc import Sequence
 from typing import Any
 
-import ingest_bench as ib  # first: sets the environment before numpy/Prefect/Dask load
+import benchenv
+import ingest_bench as ib  # before numpy/Prefect/Dask: sets their environment
 import numpy as np
 
 SR = 22050
@@ -100,9 +100,7 @@ def render(res: dict[str, Any]) -> str:
         f"== orchestration bench: {res['tracks']} synthetic tracks "
         f"({res['audio_s'] / 60:.1f} min, 2-4 s each), W={w} workers; "
         f"{m['cpu_count']} cores, load at start {m['loadavg_start'][0]:.2f}",
-        f"   code: {m['git']['commit'][:7]}" + (
-            f" + uncommitted changes ({', '.join(m['git']['dirty_files'])}; "
-            f"diff {m['git']['code_diff_hash']})" if m["git"]["dirty"] else ""),
+        f"   {benchenv.git_line(m['git'])}",
         "",
         f"  {'files ok/failed':40s}{first['ok']}/{first['failed']}",
         f"  {'segments':40s}{first['segments']}",
@@ -168,8 +166,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     store = os.path.join(root, "store")
     res: dict[str, Any] = {
         "bench": "orchestration",
-        "started": dt.datetime.now().isoformat(timespec="seconds"),
-        "machine": ib.machine_info(),
+        "started": benchenv.now(),
+        "machine": benchenv.environment(ib.VERSION_PACKAGES),
         "tracks": args.tracks,
         "workers": args.workers,
         "seed": args.seed,
@@ -218,12 +216,12 @@ def main(argv: Sequence[str] | None = None) -> int:
             shutil.rmtree(root, ignore_errors=True)
 
     res["machine"]["loadavg_end"] = os.getloadavg()
-    res["finished"] = dt.datetime.now().isoformat(timespec="seconds")
+    res["finished"] = benchenv.now()
     table = render(res)
     res["table"] = table
     print()
     print(table)
-    path = ib.write_json(res, "orchestration", args.out)
+    path = benchenv.write_json(res, "orchestration", args.out)
     print(f"\nresults written to {path}")
     return 0
 

@@ -36,9 +36,10 @@ import tempfile
 import time
 from typing import Any
 
-import ingest_bench as ib  # first: sets the environment before numpy/Prefect/Dask load
+import benchenv
+import ingest_bench as ib  # before numpy/Prefect/Dask: sets their environment
 
-ib.VERSION_PACKAGES = (*ib.VERSION_PACKAGES, "torch", "mlflow", "faiss-cpu")
+VERSION_PACKAGES = (*ib.VERSION_PACKAGES, "torch", "mlflow", "faiss-cpu")
 
 
 def ensure_model(store: str, labels: str, source: str, name: str, model: str,
@@ -64,7 +65,7 @@ def ensure_model(store: str, labels: str, source: str, name: str, model: str,
                       valid_size=0.1, test_size=0.2,
                       train_config={"epochs": epochs, "patience": 8, "seed": 0,
                                     "balance": True})
-    best = out["best"]
+    best = out.best
     print(f"  test accuracy {best['test']['accuracy']:.4f}, macro-F1 "
           f"{best['test']['macro_f1']:.4f} ({time.perf_counter() - t0:.0f} s)", flush=True)
     return {"model": best["model"], "test_accuracy": best["test"]["accuracy"],
@@ -94,7 +95,7 @@ def inprocess_floor(store: str, uri: str) -> dict[str, Any]:
             predictor.predict(x, embeddings=True, batch_size=256)
             n_seg += len(x)
     wall = time.perf_counter() - t0
-    n_tracks = sum(m.n_ok for m in fstore.manifests(model.feature_set))
+    n_tracks = sum(m.counts.n_ok for m in fstore.manifests(model.feature_set))
     return {"tracks": n_tracks, "segments": n_seg, "wall_s": wall,
             "tracks_per_s": n_tracks / wall, "segments_per_s": n_seg / wall}
 
@@ -110,7 +111,7 @@ def score_stored(store: str, uri: str, workers: int) -> dict[str, Any]:
     root = ScoreStore(fstore).model_root(model.name, model.version)
     shutil.rmtree(root, ignore_errors=True)
     t0 = time.perf_counter()
-    s = run_score(store, uri, n_workers=workers, progress=False, echo=False)
+    s = run_score(store, uri, n_workers=workers, progress=False)
     return {"tracks": s.tracks, "segments": s.segments, "parts": s.parts, "wall_s": s.wall_s,
             "outer_wall_s": time.perf_counter() - t0, "compute_s": s.compute_s,
             "workers": s.workers, "tracks_per_s": s.tracks_per_s,
@@ -131,9 +132,9 @@ def score_raw(source: str, train_store: str, uri: str, workers: int, limit: int 
     fresh = os.path.join(tmp, "store")
     t0 = time.perf_counter()
     s = run_score(fresh, uri, source=src, tracking_uri=train_store, n_workers=workers,
-                  progress=False, echo=False)
+                  progress=False)
     outer = time.perf_counter() - t0
-    ingest = s.ingest or {}
+    ingest = s.ingest.to_dict() if s.ingest else {}
     wall = s.wall_s  # the score flow's wall time includes its ingest subflow
     shutil.rmtree(tmp, ignore_errors=True)
     return {"tracks": s.tracks, "audio_s": ingest.get("audio_s"), "ingest_wall_s":
@@ -152,7 +153,7 @@ def quality(store: str, labels: str, workers: int, k: int = 10) -> dict[str, Any
     from training.labels import match_labels, read_labels
 
     t0 = time.perf_counter()
-    out = run_neighbours(store, k=k, n_workers=workers, progress=False, echo=False, force=True)
+    out = run_neighbours(store, k=k, n_workers=workers, progress=False, force=True)
     fstore = FeatureStore(store)
     con = connect(fstore)
     tracks = run_query(con, "SELECT track_id, path, status FROM tracks").to_pandas()
@@ -166,7 +167,7 @@ def quality(store: str, labels: str, workers: int, k: int = 10) -> dict[str, Any
     known = a.notna() & b.notna()
     share = float((a[known] == b[known]).mean())
     per_track = (a[known] == b[known]).groupby(pairs["track_id"][known]).mean()
-    return {"k": k, "tracks": out["tracks"], "method": out["method"], "wall_s":
+    return {"k": k, "tracks": out.tracks, "method": out.method, "wall_s":
             time.perf_counter() - t0, "same_label_share": share,
             "tracks_all_same": float((per_track == 1.0).mean()),
             "worst_track_share": float(per_track.min())}
@@ -189,8 +190,8 @@ def main() -> None:
     ap.add_argument("--out")
     args = ap.parse_args()
 
-    res: dict[str, Any] = {"machine": ib.machine_info(), "source": args.source,
-                           "store": args.store}
+    res: dict[str, Any] = {"machine": benchenv.environment(VERSION_PACKAGES),
+                           "source": args.source, "store": args.store}
     res["training"] = ensure_model(args.store, args.labels, args.source, args.name,
                                    args.model, args.epochs)
     uri = f"models:/{args.name}@champion"
@@ -223,7 +224,7 @@ def main() -> None:
     print(f"  quality: {q['tracks']} tracks, k={q['k']} ({q['method']}): same-label share "
           f"{q['same_label_share']:.4f} (target >= 0.95); all 10 same for "
           f"{100 * q['tracks_all_same']:.1f}% of tracks; worst track {q['worst_track_share']:.1f}")
-    path = ib.write_json(res, "score", args.out)
+    path = benchenv.write_json(res, "score", args.out)
     print(f"results written to {path}")
 
 

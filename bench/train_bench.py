@@ -6,26 +6,25 @@
 Ingests SOURCE into STORE if it holds no features yet, then, with one seeded track-level split
 (test 20 %, validation 10 % of all tracks, the rest train), trains each model and prints its
 test accuracy and macro-F1 at track level, training time and segments per second. Results go
-to bench/results/train-*.json. Deep models use CPU-sized settings unless --full is given
-(short-chunk ResNet at 32 channels instead of 128); the table says which.
+to bench/results/train-*.json, with the machine facts. Deep models use CPU-sized settings
+unless --full is given (short-chunk ResNet at 32 channels instead of 128); the table says which.
 """
 
 from __future__ import annotations
 
 import argparse
-import datetime as dt
 import json
 import os
-import sys
 import tempfile
 import time
 
-sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
-from flows.settings import apply_defaults
+import benchenv  # first: the repository on sys.path, the CLI's environment defaults
 
-apply_defaults(quiet=True)
+benchenv.apply_cli_defaults(prefect_home=False)
 
 from flows.train import CPU_AUTO_PARAMS as CPU_PARAMS  # noqa: E402  (the sizes auto uses on CPU)
+
+VERSION_PACKAGES = ("mtag", "numpy", "scipy", "torch", "scikit-learn", "mlflow", "threadpoolctl")
 
 
 def main() -> None:
@@ -47,6 +46,8 @@ def main() -> None:
     ap.add_argument("--lr", type=float, default=1e-3)
     ap.add_argument("--params", help='JSON of model config overrides, e.g. {"cnn": {...}}')
     args = ap.parse_args()
+    machine = benchenv.environment(VERSION_PACKAGES, code_paths=(*benchenv.PIPELINE_CODE,
+                                                                 "training"))
 
     from featurestore.store import FeatureStore
     from flows.ingest import run_ingest
@@ -66,16 +67,13 @@ def main() -> None:
     work = tempfile.mkdtemp(prefix="mtag-train-bench-")
     import torch
 
-    out_dir = os.path.join(os.path.dirname(__file__), "results")
-    os.makedirs(out_dir, exist_ok=True)
-    path = os.path.join(out_dir, f"train-{dt.datetime.now():%Y%m%d-%H%M%S}.json")
+    path = benchenv.result_path("train")
 
     def save() -> None:  # after every model: a run killed half-way keeps what it finished
-        with open(path + ".tmp", "w") as fh:
-            json.dump({"rows": rows, "split": prep.split_counts(), "torch": torch.__version__,
-                       "device": args.device or ("cuda" if torch.cuda.is_available() else "cpu"),
-                       "threads": torch.get_num_threads(), "source": args.source}, fh, indent=1)
-        os.replace(path + ".tmp", path)
+        device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+        benchenv.write_json({"rows": rows, "split": prep.split_counts(), "torch": torch.__version__,
+                             "device": device, "threads": torch.get_num_threads(),
+                             "source": args.source, "machine": machine}, "train", path)
     for model in args.models:
         params = None if args.full else CPU_PARAMS.get(model)
         if args.params:
