@@ -17,9 +17,9 @@ import numpy as np
 import pandas as pd
 import pyarrow as pa
 
+from featurestore.neighbours import NEIGHBOURS_SCHEMA
 from featurestore.schema import SOURCES_SCHEMA, TRACKS_SCHEMA, segments_schema
 from featurestore.scores import (
-    NEIGHBOURS_SCHEMA,
     ScoredModel,
     ScoreStore,
     scores_schema,
@@ -64,8 +64,7 @@ def connect(store: FeatureStore, feature_set: str | None = None, model: str | No
         [pa.field("track_id", pa.string()), pa.field("segment", pa.int32())])
     _parquet_view(con, "segments", store, store.files(fs_id, "segments") if fs_id else [],
                   seg_schema)
-    sources = sorted(store.fs.glob(store.path("sources", "*.parquet")))
-    _parquet_view(con, "sources_log", store, sources, SOURCES_SCHEMA)
+    _parquet_view(con, "sources_log", store, store.source_files(), SOURCES_SCHEMA)
     con.execute(
         "CREATE VIEW sources AS SELECT * EXCLUDE (rn) FROM (SELECT *, row_number() OVER "
         "(PARTITION BY uri ORDER BY seen_at DESC) AS rn FROM sources_log) WHERE rn = 1"

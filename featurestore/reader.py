@@ -105,6 +105,13 @@ def read_table(store: FeatureStore, feature_set: str, table: str,
     return pa.concat_tables(parts)
 
 
+def read_shard_table(store: FeatureStore, feature_set: str, shard_id: str, table: str,
+                     columns: list[str] | None = None) -> pa.Table:
+    """One committed shard's Parquet table (``tracks`` or ``segments``)."""
+    with store.fs.open(store.shard_file(feature_set, shard_id, table), "rb") as fh:
+        return pq.read_table(fh, columns=columns)
+
+
 def shard_matrices(store: FeatureStore, feature_set: str, shard_id: str, name: str
                    ) -> Iterator[tuple[np.ndarray, np.ndarray, np.ndarray]]:
     """One committed shard's dense ``name`` matrices (``"logmel"`` or ``"mfcc"``), a record

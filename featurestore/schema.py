@@ -24,12 +24,6 @@ from tasks.version import CODE_VERSION
 
 SCHEMA_VERSION = 1
 
-TRACK_STATUSES = ("ok", "failed", "unsupported")
-"""Values of ``tracks.status``."""
-
-TRACK_STAGES = ("probe", "decode", "features", "write")
-"""Values of ``tracks.stage``: where a failed track stopped (null when ok)."""
-
 TRACKS_SCHEMA = pa.schema([
     pa.field("track_id", pa.string(), nullable=False),
     pa.field("path", pa.string(), nullable=False),

@@ -11,13 +11,14 @@ Layout under the store root, one folder per scored model version::
     neighbours/<model>/v<version>/current.json               commit record of the current run
 
 A part covers whole feature shards; its manifest names them, so scoring again skips them and a
-new model version writes beside the old one. Parts are staged and published like feature
-shards (:meth:`FeatureStore.publish`). ``<model>`` is the registered name made path-safe.
+new model version writes beside the old one. Parts are staged and committed like feature
+shards (:meth:`FeatureStore.commit_folder`). ``<model>`` is the registered name made path-safe.
 """
 
 from __future__ import annotations
 
 import datetime as dt
+import hashlib
 import json
 import re
 from collections.abc import Iterable
@@ -25,10 +26,12 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import numpy as np
+import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 
 from featurestore.hashing import short_hash
+from featurestore.neighbours import NeighbourRun
 from featurestore.store import FeatureStore
 from tasks.errors import StoreError
 from tasks.version import CODE_VERSION
@@ -38,9 +41,6 @@ SCORES_ROW_GROUP = 8192
 
 SEGMENT_SCORES_ROW_GROUP = 65536
 """Rows per row group of ``segment_scores``."""
-
-NEIGHBOURS_ROW_GROUP = 262144
-"""Rows per row group of ``neighbours``."""
 
 SCORE_TABLES = {"scores": "scores.parquet", "segment_scores": "segment_scores.parquet"}
 
@@ -148,18 +148,6 @@ def segment_scores_schema(model: ScoredModel) -> pa.Schema:
     ]), model)
 
 
-NEIGHBOURS_SCHEMA = pa.schema([
-    pa.field("track_id", pa.string(), nullable=False),
-    pa.field("rank", pa.int32(), nullable=False),
-    pa.field("neighbour_id", pa.string(), nullable=False),
-    pa.field("similarity", pa.float32()),
-    pa.field("model_name", pa.string()),
-    pa.field("model_version", pa.string()),
-    pa.field("method", pa.string()),
-])
-"""Schema of ``neighbours``: ``k`` rows per track, rank 1 = most similar."""
-
-
 def _lineage_fields() -> list[pa.Field]:
     return [
         pa.field("model_name", pa.string()),
@@ -197,9 +185,9 @@ class ScoreStore:
         """Write ``model.json`` of a version (idempotent)."""
         target = f"{self.model_root(model.name, model.version)}/model.json"
         if not self.store.fs.exists(target):
-            self.store._write_json(target, model.to_dict() | {"registered_at": _now()})
+            self.store.write_record(target, model.to_dict() | {"registered_at": _now()})
             return
-        known = self.store._read_json(target)
+        known = self.store.read_record(target)
         if known.get("run_id") != model.run_id:
             raise StoreError(
                 f"this store holds scores of {model.name} v{model.version} from MLflow run "
@@ -214,7 +202,7 @@ class ScoreStore:
         """
         out = []
         for path in self.store.fs.glob(self.store.path("scores", "*", "v*", "model.json")):
-            record = self.store._read_json(path)
+            record = self.store.read_record(path)
             manifests = self.manifests(record["name"], record["version"])
             if manifests:
                 out.append(record | {
@@ -222,13 +210,6 @@ class ScoreStore:
                     "n_tracks": sum(m.n_tracks for m in manifests),
                     "last_committed_at": max(m.committed_at for m in manifests)})
         return sorted(out, key=lambda r: r["last_committed_at"])
-
-    def model(self, name: str, version: str) -> ScoredModel:
-        """The record of a scored version."""
-        target = f"{self.model_root(name, version)}/model.json"
-        if not self.store.fs.exists(target):
-            raise StoreError(f"model {name} v{version} has not scored store {self.store.url}")
-        return ScoredModel.from_dict(self.store._read_json(target))
 
     def latest(self) -> ScoredModel:
         """The most recently scored model version."""
@@ -266,11 +247,43 @@ class ScoreStore:
     def manifests(self, name: str, version: str) -> list[ScoreManifest]:
         """Commit records of a version's parts, by part id."""
         paths = self.store.fs.glob(f"{self.model_root(name, version)}/_manifests/*.json")
-        return [ScoreManifest.from_dict(self.store._read_json(p)) for p in sorted(paths)]
+        return [ScoreManifest.from_dict(self.store.read_record(p)) for p in sorted(paths)]
 
     def scored_shards(self, name: str, version: str) -> set[str]:
         """Feature shards a version has already scored."""
         return {s for m in self.manifests(name, version) for s in m.shards}
+
+    def embeddings(self, model: ScoredModel) -> tuple[pd.DataFrame, np.ndarray]:
+        """Every scored track of ``model`` (``track_id``, ``path``, ``label``) and its embedding.
+
+        Returns
+        -------
+        tracks : pandas.DataFrame
+            Sorted by ``track_id``.
+        embeddings : np.ndarray [shape=(n, d), dtype=float32]
+
+        Raises
+        ------
+        StoreError
+            If the version has no committed scores.
+        """
+        tables = []
+        for path in self.files(model.name, model.version, "scores"):
+            with self.store.fs.open(path, "rb") as fh:
+                tables.append(pq.read_table(fh, columns=["track_id", "path", "label",
+                                                         "embedding"]))
+        if not tables:
+            raise StoreError(f"model {model.name} v{model.version} has no committed scores")
+        table = pa.concat_tables(tables).sort_by("track_id")
+        column = table["embedding"].combine_chunks()
+        emb = column.flatten().to_numpy(zero_copy_only=False).reshape(len(column),
+                                                                      model.embed_dim)
+        return table.drop(["embedding"]).to_pandas(), np.ascontiguousarray(emb, np.float32)
+
+    def source_digest(self, name: str, version: str) -> str:
+        """Names the committed parts of a version (a neighbours run records what it read)."""
+        parts = sorted(m.part_id for m in self.manifests(name, version))
+        return hashlib.blake2b("\n".join(parts).encode(), digest_size=8).hexdigest()
 
     def files(self, name: str, version: str, table: str) -> list[str]:
         """Committed files of ``table`` (``scores`` or ``segment_scores``) of a version."""
@@ -286,7 +299,7 @@ class ScoreStore:
     def commit(self, staged_dir: str, manifest: ScoreManifest) -> bool:
         """Publish a staged part; ``False`` if it was already committed."""
         root = self.model_root(manifest.model_name, manifest.model_version)
-        return self.store.publish(staged_dir, f"{root}/parts/{manifest.part_id}",
+        return self.store.commit_folder(staged_dir, f"{root}/parts/{manifest.part_id}",
                                   f"{root}/_manifests/{manifest.part_id}.json",
                                   manifest.to_dict())
 
@@ -309,7 +322,7 @@ class ScoreStore:
         target = f"{self.model_root(name, version, 'neighbours')}/current.json"
         if not self.store.fs.exists(target):
             return None
-        return self.store._read_json(target)
+        return self.store.read_record(target)
 
     def neighbours_run_dir(self, name: str, version: str, run_id: str) -> str:
         """Folder of one neighbours run (invisible until :meth:`commit_neighbours`)."""
@@ -323,10 +336,23 @@ class ScoreStore:
         run = self.neighbours_run_dir(name, version, current["run_id"])
         return [f"{run}/{p}" for p in current["parts"]]
 
+    def neighbour_run(self, name: str, version: str, run_id: str) -> NeighbourRun:
+        """The files of one neighbours run (see :class:`featurestore.neighbours.NeighbourRun`)."""
+        return NeighbourRun(self.store, self.neighbours_run_dir(name, version, run_id))
+
+    def neighbours_of(self, name: str, version: str, track_id: str) -> pd.DataFrame:
+        """``rank``, ``neighbour_id``, ``similarity`` of ``track_id`` in the current run."""
+        import pyarrow.dataset as ds
+
+        data = ds.dataset(self.neighbours_files(name, version), format="parquet",
+                          filesystem=self.store.fs)
+        return data.to_table(columns=["rank", "neighbour_id", "similarity"],
+                             filter=ds.field("track_id") == track_id).to_pandas()
+
     def commit_neighbours(self, name: str, version: str, record: dict[str, Any]) -> None:
         """Make a finished run current (its record is written last), then drop older runs."""
         root = self.model_root(name, version, "neighbours")
-        self.store._write_json(f"{root}/current.json", record | {"committed_at": _now()})
+        self.store.write_record(f"{root}/current.json", record | {"committed_at": _now()})
         for run in self.store.fs.glob(f"{root}/runs/*"):
             if run.rstrip("/").rsplit("/", 1)[1] != record["run_id"]:
                 self.store.fs.rm(run, recursive=True)

@@ -11,7 +11,7 @@ Layout under the store root (a local folder or an fsspec URL such as ``s3://buck
     features/<fs-id>/_manifests/<shard>.json    the commit record, written last
     _staging/<fs-id>/<shard>-<nonce>/           work in progress, never read
 
-Commit, then publish: workers write a whole shard under ``_staging``; :meth:`FeatureStore.commit`
+Stage, then commit: workers write a whole shard under ``_staging``; :meth:`FeatureStore.commit`
 moves it into ``shards/`` (one atomic rename on a local disk) and then writes its manifest. A
 shard counts only once its manifest exists; :meth:`FeatureStore.recover` deletes everything
 else, so a crash at any moment leaves no partial shard visible and no duplicate rows.
@@ -42,34 +42,52 @@ from tasks.track import summary_columns
 from tasks.version import CODE_VERSION
 
 STORE_FORMAT = 1
-SHARD_TABLES = ("tracks", "segments", "tensors")
 _FILENAMES = {"tracks": "tracks.parquet", "segments": "segments.parquet",
               "tensors": "tensors.arrow"}
+MLFLOW_DIR = "mlflow"
+"""Folder of the embedded MLflow tracking database and artifacts under a local store."""
+
+
+def mlflow_db_path(root: str) -> str:
+    """The embedded MLflow SQLite file of the (local) store at ``root``."""
+    return os.path.join(os.path.abspath(root), MLFLOW_DIR, "mlflow.db")
 
 
 @dataclass(frozen=True)
-class ShardManifest:
-    """The commit record of one shard."""
+class ShardCounts:
+    """What a shard holds: the one declaration the writer, the task result and the commit
+    record share.
+    """
 
-    shard_id: str
-    feature_set: str
     n_tracks: int
     n_ok: int
     n_failed: int
     n_segments: int
     audio_s: float
     track_ids: list[str] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class ShardManifest:
+    """The commit record of one shard (stored flat: the counts beside the ids)."""
+
+    shard_id: str
+    feature_set: str
+    counts: ShardCounts
     committed_at: str = ""
     code_version: str = CODE_VERSION
 
     def to_dict(self) -> dict[str, Any]:
         """Return a JSON-serialisable dict."""
-        return asdict(self)
+        data = asdict(self)
+        return data | data.pop("counts")
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> ShardManifest:
         """Inverse of :meth:`to_dict`."""
-        return cls(**data)
+        names = set(ShardCounts.__dataclass_fields__)
+        counts = ShardCounts(**{k: v for k, v in data.items() if k in names})
+        return cls(counts=counts, **{k: v for k, v in data.items() if k not in names})
 
 
 class FeatureStore:
@@ -95,7 +113,7 @@ class FeatureStore:
             if not create:
                 raise StoreError(f"no feature store at {url} (run `mtag ingest` first)")
             self.fs.makedirs(self.root, exist_ok=True)
-            self._write_json(marker, {"format": STORE_FORMAT, "created_at": _now()})
+            self.write_record(marker, {"format": STORE_FORMAT, "created_at": _now()})
 
     # --- paths ----------------------------------------------------------------------------
     def path(self, *parts: str) -> str:
@@ -113,10 +131,16 @@ class FeatureStore:
         """Path of a committed shard's file for ``table``."""
         return self.path("features", feature_set, "shards", shard_id, _FILENAMES[table])
 
-    @staticmethod
-    def filename(table: str) -> str:
-        """File name of ``table`` inside a shard folder."""
-        return _FILENAMES[table]
+    def mlflow_dir(self) -> str:
+        """Folder of the embedded MLflow database and artifacts (:data:`MLFLOW_DIR`)."""
+        return self.path(MLFLOW_DIR)
+
+    def mlflow_db(self) -> str:
+        """The embedded MLflow SQLite file (local stores only)."""
+        if not self.is_local:
+            raise StoreError(f"store {self.url} is on an object store: it has no embedded "
+                             "MLflow database; set MLFLOW_TRACKING_URI")
+        return mlflow_db_path(self.root)
 
     # --- feature sets ---------------------------------------------------------------------
     def register_feature_set(self, config: FeatureConfig) -> str:
@@ -124,7 +148,7 @@ class FeatureStore:
         fs_id = config.feature_set_id
         target = self.path("features", fs_id, "featureset.json")
         if not self.fs.exists(target):
-            self._write_json(target, {
+            self.write_record(target, {
                 "feature_set": fs_id,
                 "config": config.to_dict(),
                 "code_version": CODE_VERSION,
@@ -137,7 +161,7 @@ class FeatureStore:
 
     def feature_sets(self) -> list[dict[str, Any]]:
         """Every registered feature set's record, oldest first."""
-        records = [self._read_json(p) for p in self.fs.glob(self.path("features", "*",
+        records = [self.read_record(p) for p in self.fs.glob(self.path("features", "*",
                                                                         "featureset.json"))]
         return sorted(records, key=lambda r: r["created_at"])
 
@@ -146,7 +170,7 @@ class FeatureStore:
         target = self.path("features", feature_set, "featureset.json")
         if not self.fs.exists(target):
             raise StoreError(f"feature set {feature_set} is not in store {self.url}")
-        return FeatureConfig.from_dict(self._read_json(target)["config"])
+        return FeatureConfig.from_dict(self.read_record(target)["config"])
 
     def default_feature_set(self) -> str:
         """The most recently created feature set that has committed shards."""
@@ -165,11 +189,11 @@ class FeatureStore:
     def manifests(self, feature_set: str) -> list[ShardManifest]:
         """Manifests of every committed shard of ``feature_set``, by shard id."""
         paths = self.fs.glob(self.path("features", feature_set, "_manifests", "*.json"))
-        return [ShardManifest.from_dict(self._read_json(p)) for p in sorted(paths)]
+        return [ShardManifest.from_dict(self.read_record(p)) for p in sorted(paths)]
 
     def committed_track_ids(self, feature_set: str) -> set[str]:
         """Ids of every track (ok or failed) in a committed shard of ``feature_set``."""
-        return {t for m in self.manifests(feature_set) for t in m.track_ids}
+        return {t for m in self.manifests(feature_set) for t in m.counts.track_ids}
 
     def commit(self, staged_dir: str, manifest: ShardManifest) -> bool:
         """Publish a staged shard: move it into place, then write its manifest.
@@ -180,15 +204,16 @@ class FeatureStore:
             ``False`` if the shard was already committed (the staged copy is discarded).
         """
         fs_id, shard = manifest.feature_set, manifest.shard_id
-        return self.publish(staged_dir, self.path("features", fs_id, "shards", shard),
+        return self.commit_folder(staged_dir, self.path("features", fs_id, "shards", shard),
                             self.path("features", fs_id, "_manifests", f"{shard}.json"),
                             manifest.to_dict())
 
-    def publish(self, staged_dir: str, final: str, record: str, data: dict[str, Any]) -> bool:
+    def commit_folder(self, staged_dir: str, final: str, record: str, data: dict[str, Any]
+                      ) -> bool:
         """Move a staged folder to ``final``, then write the commit record ``record``.
 
         The record is written last, so readers that go by records never see a partial folder;
-        a crash between the two leaves an orphan that :meth:`recover` (or the next publish)
+        a crash between the two leaves an orphan that :meth:`recover` (or the next commit)
         removes.
 
         Returns
@@ -208,7 +233,7 @@ class FeatureStore:
             for path in self.fs.find(staged_dir):
                 self.fs.copy(path, f"{final}/{path[len(staged_dir):].lstrip('/')}")
             self.fs.rm(staged_dir, recursive=True)
-        self._write_json(record, data | {"committed_at": _now()})
+        self.write_record(record, data | {"committed_at": _now()})
         return True
 
     def recover(self) -> int:
@@ -239,9 +264,13 @@ class FeatureStore:
                 for m in self.manifests(feature_set)]
 
     # --- sources (identity cache) ---------------------------------------------------------
+    def source_files(self) -> list[str]:
+        """The ``sources`` log's files, oldest first."""
+        return sorted(self.fs.glob(self.path("sources", "*.parquet")))
+
     def known_sources(self) -> dict[str, tuple[int, float, str]]:
         """Latest ``uri -> (size, mtime, content_hash)`` recorded by earlier runs."""
-        paths = sorted(self.fs.glob(self.path("sources", "*.parquet")))
+        paths = self.source_files()
         known: dict[str, tuple[int, float, str]] = {}
         for p in paths:
             with self.fs.open(p, "rb") as fh:
@@ -279,7 +308,7 @@ class FeatureStore:
         target = self.path("_lock.json")
         me = {"host": socket.gethostname(), "pid": os.getpid(), "since": _now()}
         if self.fs.exists(target):
-            holder = self._read_json(target)
+            holder = self.read_record(target)
             mine = holder.get("host") == me["host"] and holder.get("pid") == me["pid"]
             if mine:  # re-entrant: a flow of this process already holds it (e.g. score ->
                 yield  # ingest); the outermost holder releases it
@@ -289,15 +318,16 @@ class FeatureStore:
                     f"store {self.url} is being written by pid {holder['pid']} since "
                     f"{holder.get('since')}; wait for it or stop it"
                 )
-        self._write_json(target, me)
+        self.write_record(target, me)
         try:
             yield
         finally:
             with contextlib.suppress(FileNotFoundError):
                 self.fs.rm(target)
 
-    # --- helpers --------------------------------------------------------------------------
-    def _write_json(self, path: str, data: dict[str, Any]) -> None:
+    # --- records --------------------------------------------------------------------------
+    def write_record(self, path: str, data: dict[str, Any]) -> None:
+        """Write a JSON record atomically (temporary file, then a move)."""
         parent = path.rsplit("/", 1)[0]
         self.fs.makedirs(parent, exist_ok=True)
         tmp = f"{path}.{uuid.uuid4().hex[:6]}.tmp"
@@ -305,9 +335,22 @@ class FeatureStore:
             json.dump(data, fh, indent=1, sort_keys=True)
         self.fs.mv(tmp, path)
 
-    def _read_json(self, path: str) -> dict[str, Any]:
+    def read_record(self, path: str) -> dict[str, Any]:
+        """Read a JSON record.
+
+        Raises
+        ------
+        StoreError
+            If the file is not a JSON object (damaged), naming the file.
+        """
         with self.fs.open(path, "r") as fh:
-            return dict(json.load(fh))
+            try:
+                data = json.load(fh)
+            except json.JSONDecodeError as exc:
+                raise StoreError(f"damaged store record {self.uri(path)}: {exc}") from exc
+        if not isinstance(data, dict):
+            raise StoreError(f"damaged store record {self.uri(path)}: not a JSON object")
+        return data
 
 
 def _now() -> str:

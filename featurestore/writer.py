@@ -11,7 +11,6 @@ into the shard's manifest.
 from __future__ import annotations
 
 import datetime as dt
-from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -20,24 +19,12 @@ import pyarrow.ipc as ipc
 import pyarrow.parquet as pq
 
 from featurestore.schema import TRACKS_SCHEMA, segments_schema, tensors_schema, with_metadata
-from featurestore.store import FeatureStore
+from featurestore.store import FeatureStore, ShardCounts
 from tasks.config import FeatureConfig
 from tasks.track import SegmentBatch, TrackResult, summary_columns
 
 DEFAULT_SPILL_BYTES = 64 << 20
 ROWS_PER_BATCH = 256
-
-
-@dataclass(frozen=True)
-class ShardCounts:
-    """What a finished shard holds."""
-
-    n_tracks: int
-    n_ok: int
-    n_failed: int
-    n_segments: int
-    audio_s: float
-    track_ids: list[str]
 
 
 class ShardWriter:

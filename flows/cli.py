@@ -1,7 +1,10 @@
 """The ``mtag`` command line: ``ingest``, ``query``, ``train``, ``evaluate``, ``score``,
-``similar``, ``neighbours``, ``demo``.
+``similar``, ``neighbours``, ``settings``, ``demo``, and the commands that plug in through the
+``mtag.commands`` entry points (``stack`` and ``deploy``, from :mod:`infra.commands`: the
+environment wiring depends on the flows, never the other way round).
 
-Arguments are parsed here and turned into config objects; the work is done by the flows.
+Arguments are parsed here and turned into config objects; the work is done by the flows. This
+module (with the demo's script, :mod:`flows.demo`) is the only place in ``flows/`` that prints.
 """
 
 from __future__ import annotations
@@ -11,11 +14,16 @@ import json
 import os
 import sys
 from collections.abc import Sequence
+from importlib.metadata import entry_points
+from typing import TYPE_CHECKING
 
 from flows.settings import apply_defaults
 
+if TYPE_CHECKING:
+    from tasks.config import FeatureConfig
 
-def _feature_config(args: argparse.Namespace):  # type: ignore[no-untyped-def]
+
+def _feature_config(args: argparse.Namespace) -> FeatureConfig:
     from tasks.config import FeatureConfig
 
     data: dict = {}
@@ -37,6 +45,7 @@ def cmd_ingest(args: argparse.Namespace) -> int:
     summary = run_ingest(
         args.source, args.store, config=_feature_config(args), dask_address=args.dask_address,
         n_workers=args.workers, shard_minutes=args.shard_minutes, progress=not args.no_progress,
+        echo=print,
     )
     print(summary.render())
     if args.json:
@@ -65,14 +74,9 @@ def cmd_score(args: argparse.Namespace) -> int:
     summary = run_score(
         args.store, args.model_uri, source=args.source, top_k=args.top_k,
         dask_address=args.dask_address, n_workers=args.workers, device=args.device,
-        tracking_uri=args.tracking_uri, progress=not args.no_progress)
+        tracking_uri=args.tracking_uri, progress=not args.no_progress, echo=print)
     if summary.ingest is not None:
-        from flows.ingest import IngestSummary
-
-        data = dict(summary.ingest)
-        data.pop("skipped", None)
-        data.pop("realtime_x", None)
-        print(IngestSummary(**data).render())
+        print(summary.ingest.render())
     print(summary.render())
     if args.json:
         print(summary_json(summary))
@@ -99,18 +103,8 @@ def cmd_neighbours(args: argparse.Namespace) -> int:
 
     out = run_neighbours(args.store, k=args.k, model=args.model, method=args.method,
                          dask_address=args.dask_address, n_workers=args.workers,
-                         progress=not args.no_progress, force=args.force)
-    who = f"{out['model_name']} v{out['model_version']}"
-    if out["skipped"]:
-        print(f"Nothing to do: the neighbours table of {who} (k={out['k']}, "
-              f"{out['method']}) is current for its {out['tracks']} tracks.")
-    else:
-        print(f"Wrote neighbours of {who}: {out['tracks']} tracks x {out['k']} "
-              f"({out['method']} search) in {out['wall_s']:.1f} s. "
-              "Query them: mtag query --store STORE \"SELECT * FROM neighbours\"")
-        if out.get("recall") is not None:
-            print(f"  recall@{out['k']} of the approximate index against exact search on "
-                  f"{out['recall_checked']} sampled tracks: {out['recall']:.3f}")
+                         progress=not args.no_progress, force=args.force, echo=print)
+    print(out.render())
     return 0
 
 
@@ -123,6 +117,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 def cmd_train(args: argparse.Namespace) -> int:
     from flows.train import train_flow
+    from training.evaluate import render_report
 
     train_config = {k: v for k, v in {
         "epochs": args.epochs, "batch_size": args.batch_size, "lr": args.lr,
@@ -132,17 +127,16 @@ def cmd_train(args: argparse.Namespace) -> int:
         "balance": args.balance or None,
     }.items() if v is not None}
     params = json.loads(args.model_params) if args.model_params else None
-    result = train_flow(store=args.store, labels=args.labels, model=args.model,
+    summary = train_flow(store=args.store, labels=args.labels, model=args.model,
                          registered_name=args.registered_name, group_column=args.group_column,
                          valid_size=args.valid_size, test_size=args.test_size,
                          train_config=train_config, model_params=params, workdir=args.workdir)
-    best, promo = result["best"], result["promotion"]
+    best, promo = summary.best, summary.promotion
+    print(summary.render())
     print(f"\nbest: {best['model']} (valid macro-F1 {best['valid_macro_f1']:.4f}); registered "
-          f"{result['registered_name']} v{promo['version']} as @candidate; "
+          f"{summary.registered_name} v{promo['version']} as @candidate; "
           f"{'promoted to @champion' if promo['promoted'] else 'champion unchanged'} "
           f"({promo['reason']})")
-    from training.evaluate import render_report
-
     print(render_report(best["test"], f"test tracks ({best['model']})"))
     return 0
 
@@ -164,53 +158,10 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     return 0
 
 
+COMMANDS_GROUP = "mtag.commands"
+"""Entry-point group of commands other packages add: ``name = "module:register"``, where
+``register(subparsers)`` adds the command's parser."""
 STORE_HELP = "feature store root, a folder or s3://bucket/prefix (default: $MTAG_STORE)"
-
-
-def cmd_stack(args: argparse.Namespace) -> int:
-    # the CLI is the one place outside infra/ that reaches into it: environment wiring
-    from infra import stack
-
-    if args.action == "up":
-        record = stack.up(args.store, workers=args.workers or 2,
-                          ports={k: v for k, v in (("prefect", args.prefect_port),
-                                                   ("mlflow", args.mlflow_port),
-                                                   ("dask", args.dask_port)) if v},
-                          mlflow_backend_uri=args.mlflow_backend_uri, schedules=args.schedules)
-        print(f"stack for {args.store} is up (state: {record['state_dir']})")
-    if args.action in ("up", "status"):
-        rows = stack.status(args.store)
-        if not rows:
-            print(f"no stack recorded for {args.store}")
-            return 1
-        for r in rows:
-            state = "healthy" if r["healthy"] else ("running" if r["running"] else "stopped")
-            print(f"  {r['service']:15s} pid {r['pid']:<8d} {state:8s} {r['ui'] or r['url']}")
-        if args.action == "up":
-            print("point commands at it with:  eval \"$(mtag stack env --store "
-                  f"{args.store})\"")
-        return 0 if all(r["healthy"] for r in rows) else 1
-    if args.action == "env":
-        print(stack.env_lines(args.store))
-        return 0
-    stopped = stack.down(args.store)
-    print(f"stopped: {', '.join(stopped) if stopped else 'nothing was running'}")
-    return 0
-
-
-def cmd_deploy(args: argparse.Namespace) -> int:
-    from infra import deployments
-
-    if args.serve:
-        deployments.serve()
-        return 0
-    for name, ident in deployments.deploy(work_pool=args.work_pool).items():
-        print(f"deployed {name} ({ident})")
-    from flows.settings import load
-
-    pool = args.work_pool or load().work_pool
-    print(f"start a worker to run them:  prefect worker start --pool {pool}")
-    return 0
 
 
 def cmd_settings(args: argparse.Namespace) -> int:
@@ -322,27 +273,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=cmd_neighbours)
 
-    p = sub.add_parser("stack", help="local Prefect, MLflow and Dask servers on 127.0.0.1")
-    p.add_argument("action", choices=("up", "down", "status", "env"))
-    p.add_argument("--store", help=STORE_HELP)
-    p.add_argument("--workers", type=int, help="Dask worker processes (default 2)")
-    p.add_argument("--prefect-port", type=int, help="default 4200 (any free port if taken)")
-    p.add_argument("--mlflow-port", type=int, help="default 5000 (any free port if taken)")
-    p.add_argument("--dask-port", type=int, help="default 8786 (any free port if taken)")
-    p.add_argument("--mlflow-backend-uri", help="e.g. postgresql://... (default: SQLite in "
-                   "the store)")
-    p.add_argument("--schedules", action="store_true",
-                   help="also serve the scheduled deployments from a process")
-    p.set_defaults(func=cmd_stack)
-
-    p = sub.add_parser("deploy", help="register the scheduled deployments with Prefect")
-    p.add_argument("--serve", action="store_true",
-                   help="serve them from this process instead of a work pool")
-    p.add_argument("--work-pool", help="process work pool (default $MTAG_WORK_POOL)")
-    p.set_defaults(func=cmd_deploy)
-
     p = sub.add_parser("settings", help="every setting, its default and current value")
     p.set_defaults(func=cmd_settings)
+
+    for plugin in entry_points(group=COMMANDS_GROUP):  # stack, deploy: see infra/commands.py
+        plugin.load()(sub)
 
     p = sub.add_parser("demo", help="generate a demo catalogue, ingest it, query it")
     p.add_argument("--dir", default="demo", help="folder for the catalogue and the store")

@@ -12,6 +12,9 @@ from typing import Any
 
 log = logging.getLogger("mtag")
 
+Echo = Callable[[str], None] | None
+"""Where a one-line human message goes (the CLI passes ``print``; None: the log only)."""
+
 WORKER_ENV = {
     # Dask's nanny sets MALLOC_TRIM_THRESHOLD_=65536, which also freezes glibc's mmap
     # threshold at 128 KiB: every multi-MB STFT temporary is then mmap'ed, zero-faulted and
@@ -53,7 +56,7 @@ def default_workers() -> int:
 
 @contextlib.contextmanager
 def dask_cluster(address: str | None = None, *, n_workers: int | None = None,
-                 memory_limit: str = "auto", echo: bool = True) -> Iterator[ClusterInfo]:
+                 memory_limit: str = "auto", echo: Echo = None) -> Iterator[ClusterInfo]:
     """Yield a running Dask cluster.
 
     Parameters
@@ -65,17 +68,16 @@ def dask_cluster(address: str | None = None, *, n_workers: int | None = None,
         Local worker processes (default: one per core).
     memory_limit : str
         Per-worker memory limit of a local cluster.
-    echo : bool
-        Print the dashboard address.
+    echo : callable, optional
+        Receives the line saying where the scheduler and its dashboard are.
     """
     from distributed import Client, LocalCluster
 
     if address:
         with Client(address, timeout="30s") as client:
             info = _info(client, address)
-            if echo:
-                print(f"Dask: scheduler {address}, {info.workers} workers; "
-                      f"dashboard {info.dashboard}")
+            _say(echo, f"Dask: scheduler {address}, {info.workers} workers; "
+                       f"dashboard {info.dashboard}")
             yield info
         return
     import dask
@@ -91,10 +93,15 @@ def dask_cluster(address: str | None = None, *, n_workers: int | None = None,
         host="127.0.0.1", dashboard_address="127.0.0.1:0", memory_limit=memory_limit,
     ) as cluster, Client(cluster) as client:
         info = _info(client, cluster.scheduler_address)
-        if echo:
-            print(f"Dask: local cluster, {info.workers} worker processes; "
-                  f"dashboard {info.dashboard}")
+        _say(echo, f"Dask: local cluster, {info.workers} worker processes; "
+                   f"dashboard {info.dashboard}")
         yield info
+
+
+def _say(echo: Echo, line: str) -> None:
+    log.info(line)
+    if echo:
+        echo(line)
 
 
 def _info(client: object, address: str) -> ClusterInfo:

@@ -14,8 +14,14 @@ import os
 import sys
 import time
 from concurrent.futures import ProcessPoolExecutor
+from typing import TYPE_CHECKING
 
 import numpy as np
+
+from featurestore.store import mlflow_db_path
+
+if TYPE_CHECKING:
+    import duckdb
 
 DEMO_FORMATS = ("flac", "ogg", "mp3", "wav")
 DEMO_MODEL = "mtag-demo-instrument"
@@ -85,7 +91,7 @@ def run_demo(directory: str, *, n_tracks: int = 120, workers: int | None = None,
     catalogue = os.path.abspath(os.path.join(directory, "catalogue"))
     store = os.path.join(directory, "store")
     labels = make_catalogue(catalogue, n_tracks, workers=workers or default_workers())
-    with dask_cluster(None, n_workers=workers) as cluster:
+    with dask_cluster(None, n_workers=workers, echo=print) as cluster:
         _ingest(catalogue, store, labels, cluster.address, progress)
         if train:
             _train(store, labels)
@@ -100,7 +106,7 @@ def _ingest(catalogue: str, store: str, labels: str, address: str, progress: boo
 
     print(f"\n$ mtag ingest {catalogue} --store {store}")
     summary = run_ingest(catalogue, store, dask_address=address, shard_minutes=5.0,
-                         progress=progress, echo=False)
+                         progress=progress)
     print(summary.render())
     con = connect(FeatureStore(store))
     con.execute(f"CREATE VIEW labels AS SELECT * FROM read_csv('{labels}')")
@@ -120,7 +126,7 @@ def _ingest(catalogue: str, store: str, labels: str, address: str, progress: boo
     con.close()
 
 
-def _show(con, store: str, queries: list[tuple[str, str]]) -> None:  # type: ignore[no-untyped-def]
+def _show(con: duckdb.DuckDBPyConnection, store: str, queries: list[tuple[str, str]]) -> None:
     from featurestore.query import format_result, run_query
 
     for title, sql in queries:
@@ -129,23 +135,24 @@ def _show(con, store: str, queries: list[tuple[str, str]]) -> None:  # type: ign
 
 
 def _train(store: str, labels: str) -> None:
-    from flows.train import train_flow
+    from flows.train import split_line, train_flow
     from training.evaluate import render_report
 
     print(f"\n$ mtag train --store {store} --labels {labels} --model auto "
           f"--registered-name {DEMO_MODEL} --epochs {DEMO_EPOCHS}")
-    result = train_flow(store=store, labels=labels, model="auto",
+    summary = train_flow(store=store, labels=labels, model="auto",
                          registered_name=DEMO_MODEL, train_config={"epochs": DEMO_EPOCHS})
-    for cand in result["candidates"]:
+    print(summary.labels_report)
+    print(split_line(summary.split))
+    for cand in summary.candidates:
         print(f"  {cand['model']:20s} valid macro-F1 {cand['valid_macro_f1']:.3f}   "
               f"test accuracy {cand['test']['accuracy']:.3f}   {cand['train_seconds']:.0f} s")
-    promo = result["promotion"]
-    print(f"best: {result['best']['model']} -> {DEMO_MODEL} v{promo['version']} "
+    promo = summary.promotion
+    print(f"best: {summary.best['model']} -> {DEMO_MODEL} v{promo['version']} "
           f"({'now @champion' if promo['promoted'] else 'champion unchanged'}: "
           f"{promo['reason']})")
-    print(render_report(result["best"]["test"], "test tracks"))
-    print(f"MLflow UI: mlflow ui --backend-store-uri sqlite:///{os.path.abspath(store)}"
-          "/mlflow/mlflow.db")
+    print(render_report(summary.best["test"], "test tracks"))
+    print(f"MLflow UI: mlflow ui --backend-store-uri sqlite:///{mlflow_db_path(store)}")
 
 
 def _score(store: str, address: str, progress: bool) -> None:
@@ -156,11 +163,11 @@ def _score(store: str, address: str, progress: bool) -> None:
 
     uri = f"models:/{DEMO_MODEL}@champion"
     print(f"\n$ mtag score --store {store} --model-uri {uri}")
-    summary = run_score(store, uri, dask_address=address, progress=progress, echo=False)
+    summary = run_score(store, uri, dask_address=address, progress=progress)
     print(summary.render())
     print(f"\n$ mtag neighbours --store {store} --k 5")
-    out = run_neighbours(store, k=5, dask_address=address, progress=progress, echo=False)
-    print(f"{out['tracks']} tracks x {out['k']} neighbours ({out['method']} search)")
+    out = run_neighbours(store, k=5, dask_address=address, progress=progress)
+    print(f"{out.tracks} tracks x {out.k} neighbours ({out.method} search)")
     con = connect(FeatureStore(store))
     _show(con, store, [
         ("Tag distribution: predicted instrument, mean confidence, tracks not confident",

@@ -2,7 +2,8 @@
 
 ``ingest_flow`` is a Prefect flow whose tasks run on a ``DaskTaskRunner``; one task run handles
 a batch of files (probe) or a shard of tracks sized by audio minutes (extract), never a single
-track. :func:`run_ingest` is the entry point that picks the cluster and runs the flow.
+track. The task bodies are in :mod:`flows.ingest_worker`; :func:`run_ingest` runs the flow on
+a cluster through :mod:`flows.runtime`.
 """
 
 from __future__ import annotations
@@ -15,19 +16,17 @@ from typing import Any
 
 from prefect import flow, get_run_logger, task
 from prefect.cache_policies import NO_CACHE
-from prefect.futures import as_completed
-from prefect_dask import DaskTaskRunner
 
 from featurestore.sources import SourceFile, discover
 from featurestore.store import FeatureStore, ShardManifest
-from flows.cluster import dask_cluster
+from flows.cluster import Echo
 from flows.ingest_worker import probe_files, probe_one, run_shard, warm_worker
 from flows.plan import batches, dedupe, plan_shards, triage
-from flows.prefect_api import prefect_api
-from flows.progress import Progress
-from flows.records import ProbeRecord, ShardPlan, ShardResult
+from flows.records import ProbeRecord, ShardPlan, ShardResult, from_fields
 from flows.report import publish, run_id
+from flows.runtime import commit_as_completed, run_on_cluster
 from tasks.config import FeatureConfig
+from tasks.errors import StoreError
 
 log = logging.getLogger("mtag")
 
@@ -73,6 +72,25 @@ class IngestSummary:
         """JSON-ready dict including derived figures."""
         return asdict(self) | {"skipped": self.skipped, "realtime_x": self.realtime_x}
 
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> IngestSummary:
+        """Inverse of :meth:`to_dict` (derived figures are recomputed)."""
+        return from_fields(cls, data, errors=lambda es: [tuple(e) for e in es])
+
+    def add(self, result: ShardResult, *, unsupported: int) -> None:
+        """Count a committed shard (``unsupported`` of its failed tracks are unsupported)."""
+        counts = result.counts
+        self.ok += counts.n_ok
+        self.unsupported += unsupported
+        self.failed += counts.n_failed - unsupported
+        self.segments += counts.n_segments
+        self.audio_s += counts.audio_s
+        self.compute_s += result.compute_s
+        self.shards += 1
+        self.errors.extend(result.errors)
+        self.peak_rss_mb[result.worker] = max(self.peak_rss_mb.get(result.worker, 0.0),
+                                              result.peak_rss_mb)
+
     def render(self) -> str:
         """Human-readable end-of-run summary."""
         if self.ok + self.failed + self.unsupported == 0 and self.shards_failed == 0:
@@ -115,8 +133,8 @@ def shard_task(store_url: str, config_json: str, plan: ShardPlan) -> ShardResult
 @flow(name="ingest", validate_parameters=False)
 def ingest_flow(source: str, store: str, config: dict[str, Any] | None = None,
                 shard_minutes: float = 60.0, workers: int = 1,
-                progress: bool = True) -> dict[str, Any]:
-    """Ingest ``source`` into the feature store at ``store``; return the summary as a dict."""
+                progress: bool = True) -> IngestSummary:
+    """Ingest ``source`` into the feature store at ``store``; return what the run did."""
     logger = get_run_logger()
     started = time.perf_counter()
     logger.info("flow run %s: ingest %s into %s", run_id(), source, store)
@@ -153,7 +171,7 @@ def ingest_flow(source: str, store: str, config: dict[str, Any] | None = None,
         "x realtime": summary.realtime_x, "workers": summary.workers,
         "shards failed": summary.shards_failed},
         [{"path": p, "stage": st, "error": e} for p, st, e in summary.errors[:50]] or None)
-    return summary.to_dict()
+    return summary
 
 
 def _probe(files: list[SourceFile], workers: int, progress: bool) -> list[ProbeRecord]:
@@ -166,54 +184,40 @@ def _probe(files: list[SourceFile], workers: int, progress: bool) -> list[ProbeR
             return list(pool.map(probe_one, files))
     futures = probe_task.map(batches(files, 2 * workers, PROBE_BATCH_MAX))
     records: list[ProbeRecord] = []
-    with Progress("probe", total=len(files), unit="files", enabled=progress) as bar:
-        for future in as_completed(futures):
-            got = future.result()
-            records.extend(got)
-            bar.advance(len(got))
+
+    def collect(got: list[ProbeRecord]) -> float:
+        records.extend(got)
+        return len(got)
+
+    failed = commit_as_completed(futures, collect, what="probe", total=len(files),
+                                 unit="files", progress=progress)
+    if failed:  # unprobed files would be silently left out of this run
+        raise StoreError(f"{failed} probe batches failed after retries (see the log); "
+                         "run again")
     return records
 
 
 def _extract(fstore: FeatureStore, cfg: FeatureConfig, shards: list[ShardPlan],
              summary: IngestSummary, progress: bool) -> None:
-    logger = get_run_logger()
-    config_json = cfg.to_json()
-    futures = shard_task.map(fstore.url, config_json, shards)
+    futures = shard_task.map(fstore.url, cfg.to_json(), shards)
     by_id = {s.shard_id: s for s in shards}
-    total_min = sum(s.audio_s for s in shards) / 60.0
-    with Progress("extract", total=total_min, unit="audio min", enabled=progress) as bar:
-        for future in as_completed(futures):
-            future.wait()
-            if not future.state.is_completed():
-                summary.shards_failed += 1
-                logger.error("shard failed after retries: %s", future.state.message)
-                continue
-            result: ShardResult = future.result()
-            plan = by_id[result.shard_id]
-            fstore.commit(result.staged_dir, ShardManifest(
-                shard_id=result.shard_id, feature_set=summary.feature_set,
-                n_tracks=result.n_tracks, n_ok=result.n_ok, n_failed=result.n_failed,
-                n_segments=result.n_segments, audio_s=result.audio_s,
-                track_ids=result.track_ids,
-            ))
-            unsupported = sum(t.status == "unsupported" for t in plan.tracks)
-            summary.ok += result.n_ok
-            summary.unsupported += unsupported
-            summary.failed += result.n_failed - unsupported
-            summary.segments += result.n_segments
-            summary.audio_s += result.audio_s
-            summary.compute_s += result.compute_s
-            summary.shards += 1
-            summary.errors.extend(result.errors)
-            summary.peak_rss_mb[result.worker] = max(
-                summary.peak_rss_mb.get(result.worker, 0.0), result.peak_rss_mb)
-            bar.advance(plan.audio_s / 60.0)
+
+    def commit(result: ShardResult) -> float:
+        plan = by_id[result.shard_id]
+        fstore.commit(result.staged_dir, ShardManifest(result.shard_id, summary.feature_set,
+                                                       result.counts))
+        summary.add(result, unsupported=sum(t.status == "unsupported" for t in plan.tracks))
+        return plan.audio_s / 60.0
+
+    summary.shards_failed += commit_as_completed(
+        futures, commit, what="extract", total=sum(s.audio_s for s in shards) / 60.0,
+        unit="audio min", progress=progress)
 
 
 def run_ingest(source: str, store: str, *, config: FeatureConfig | None = None,
                dask_address: str | None = None, n_workers: int | None = None,
                shard_minutes: float = 60.0, progress: bool = True,
-               echo: bool = True) -> IngestSummary:
+               echo: Echo = None) -> IngestSummary:
     """Run the ingest flow on a Dask cluster (an existing one, or a local one started here).
 
     Parameters
@@ -232,25 +236,16 @@ def run_ingest(source: str, store: str, *, config: FeatureConfig | None = None,
         Target audio minutes per shard task.
     progress : bool
         Show progress bars on stderr.
-    echo : bool
-        Print where the Dask cluster and its dashboard are.
+    echo : callable, optional
+        Receives the line saying where the Dask cluster and its dashboard are.
     """
     cfg = config or FeatureConfig()
-    # workers spawn and import while the temporary Prefect API boots
-    with prefect_api(start=False) as api, dask_cluster(dask_address, n_workers=n_workers,
-                                                       echo=echo) as cluster:
-        cluster.warm(warm_worker, cfg.to_json())
-        api.start()
-        runner = DaskTaskRunner(address=cluster.address)
-        result = ingest_flow.with_options(task_runner=runner)(
-            source=source, store=store, config=cfg.to_dict(), shard_minutes=shard_minutes,
-            workers=cluster.threads, progress=progress,
-        )
-    data = dict(result)
-    for key in ("skipped", "realtime_x"):
-        data.pop(key, None)
-    data["errors"] = [tuple(e) for e in data.get("errors", [])]
-    return IngestSummary(**data)
+    result: IngestSummary = run_on_cluster(
+        ingest_flow, {"source": source, "store": store, "config": cfg.to_dict(),
+                      "shard_minutes": shard_minutes, "progress": progress},
+        dask_address=dask_address, n_workers=n_workers, warm=[(warm_worker, (cfg.to_json(),))],
+        echo=echo)
+    return result
 
 
 def summary_json(summary: IngestSummary) -> str:

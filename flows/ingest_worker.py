@@ -61,7 +61,7 @@ def probe_one(f: SourceFile) -> ProbeRecord:
         digest = _digest_of_error(f.uri)  # stable per URI, never a real content hash
         return ProbeRecord(**base, content_hash=digest, track_id=track_id_of(digest),
                            status="failed", stage="probe", error=_short(f"cannot read: {exc}"))
-    ident = {"content_hash": digest, "track_id": track_id_of(digest)}
+    ident: dict[str, Any] = {"content_hash": digest, "track_id": track_id_of(digest)}
     fmt = audio_format(f.uri)
     if fmt is None:
         ext = os.path.splitext(f.uri)[1] or "(none)"
@@ -97,14 +97,11 @@ def run_shard(store_url: str, config_json: str, plan: ShardPlan) -> ShardResult:
             failure = _process_track(record, config, extractor, writer)
             if failure:
                 errors.append((record.uri, *failure))
-    counts = writer.counts
     return ShardResult(
-        shard_id=plan.shard_id, staged_dir=staged, n_tracks=counts.n_tracks, n_ok=counts.n_ok,
-        n_failed=counts.n_failed, n_segments=counts.n_segments, audio_s=counts.audio_s,
+        shard_id=plan.shard_id, staged_dir=staged, counts=writer.counts,
         compute_s=time.perf_counter() - started,
         peak_rss_mb=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0,
-        worker=f"{socket.gethostname()}:{os.getpid()}", track_ids=counts.track_ids,
-        errors=errors,
+        worker=f"{socket.gethostname()}:{os.getpid()}", errors=errors,
     )
 
 

@@ -51,8 +51,9 @@ class Progress:
             if step > self._printed:
                 self._printed = step
                 elapsed = time.monotonic() - self._start
-                print(f"{self.label}: {self.done:.1f}/{self.total:.1f} {self.unit} "
-                      f"({10 * step}%, {elapsed:.0f} s)", file=sys.stderr, flush=True)
+                sys.stderr.write(f"{self.label}: {self.done:.1f}/{self.total:.1f} {self.unit} "
+                                 f"({10 * step}%, {elapsed:.0f} s)\n")
+                sys.stderr.flush()
 
     def __exit__(self, *exc: Any) -> None:
         if self._bar is not None:

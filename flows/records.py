@@ -1,8 +1,26 @@
-"""Small records passed between the flow and its tasks (never arrays or data frames)."""
+"""Small records passed between the flow and its tasks (never arrays or data frames), and the
+rule every flow summary uses to be rebuilt from its dict.
+"""
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
+from typing import Any, TypeVar
+
+from featurestore.store import ShardCounts
+
+T = TypeVar("T")
+
+
+def from_fields(cls: type[T], data: dict[str, Any], **convert: Any) -> T:
+    """Build dataclass ``cls`` from ``data``, ignoring keys that are not fields (derived
+    figures a ``to_dict`` added); ``convert`` maps a field name to a function of its value.
+    """
+    names = {f.name for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
+    kwargs = {k: convert[k](v) if k in convert and v is not None else v
+              for k, v in data.items() if k in names}
+    return cls(**kwargs)
 
 
 @dataclass(frozen=True)
@@ -43,15 +61,10 @@ class ShardResult:
 
     shard_id: str
     staged_dir: str
-    n_tracks: int
-    n_ok: int
-    n_failed: int
-    n_segments: int
-    audio_s: float
+    counts: ShardCounts
     compute_s: float
     peak_rss_mb: float
     worker: str
-    track_ids: list[str] = field(default_factory=list)
     errors: list[tuple[str, str, str]] = field(default_factory=list)  # (path, stage, error)
 
 

@@ -2,53 +2,72 @@
 promotion gate, and scoring of new and changed tracks.
 
 Each is a Prefect flow whose parameters default to the settings (:mod:`flows.settings`), so a
-deployment needs no parameters at all in the common case. Each picks its Dask cluster (the
-configured scheduler, or a ``LocalCluster`` for the run, whose dashboard address it logs) and
-runs the pipeline flow as a subflow, so the UI shows one parent run per schedule tick with the
-pipeline's runs under it. Deployments are defined in ``infra/deployments.py``.
+deployment needs no parameters at all in the common case. Each picks its Dask cluster through
+:func:`flows.runtime.dask_runner` (the configured scheduler, or a ``LocalCluster`` for the
+run, whose dashboard address it logs) and runs the pipeline flow as a subflow, so the UI shows
+one parent run per schedule tick with the pipeline's runs under it. Deployments are defined in
+``infra/deployments.py``.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
 from prefect import flow, get_run_logger
-from prefect_dask import DaskTaskRunner
 
-from flows.cluster import dask_cluster
+from flows.ingest import IngestSummary, ingest_flow
+from flows.neighbours import NeighboursSummary, neighbours_flow
+from flows.records import from_fields
+from flows.runtime import dask_runner
+from flows.score import ScoreSummary, score_flow
 from flows.settings import load
 
 SCORE_DEPLOYMENT = "scheduled-score/score-new-tracks"
 """``flow-name/deployment-name`` the nightly ingestion asks to run after it (if deployed)."""
 
 
-def _cluster(address: str | None, workers: int | None):  # type: ignore[no-untyped-def]
+def _runner(address: str | None, workers: int | None) -> Any:
     settings = load()
-    return dask_cluster(address or settings.dask_address,
-                        n_workers=workers or settings.workers, echo=False)
+    return dask_runner(address or settings.dask_address, n_workers=workers or settings.workers,
+                       echo=get_run_logger().info)
+
+
+@dataclass
+class ScheduledScoreSummary:
+    """What a scheduled scoring run did: the score run, then the neighbours refresh."""
+
+    score: ScoreSummary
+    neighbours: NeighboursSummary | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready dict."""
+        return {"score": self.score.to_dict(),
+                "neighbours": self.neighbours.to_dict() if self.neighbours else None}
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> ScheduledScoreSummary:
+        """Inverse of :meth:`to_dict`."""
+        return from_fields(cls, data, score=ScoreSummary.from_dict,
+                           neighbours=NeighboursSummary.from_dict)
 
 
 @flow(name="scheduled-ingest", validate_parameters=False)
 def scheduled_ingest(source: str | None = None, store: str | None = None,
                      dask_address: str | None = None, workers: int | None = None,
                      shard_minutes: float | None = None, score_after: bool = True
-                     ) -> dict[str, Any]:
+                     ) -> IngestSummary:
     """Ingest the catalogue (new and changed files only), then queue the scoring deployment."""
-    from flows.ingest import ingest_flow
-
     settings = load()
     logger = get_run_logger()
-    with _cluster(dask_address, workers) as cluster:
-        logger.info("Dask scheduler %s (%d workers); dashboard %s", cluster.address,
-                    cluster.workers, cluster.dashboard)
-        summary = ingest_flow.with_options(task_runner=DaskTaskRunner(address=cluster.address))(
+    with _runner(dask_address, workers) as (cluster, runner):
+        summary: IngestSummary = ingest_flow.with_options(task_runner=runner)(
             source=source or settings.require("source"), store=store or settings.require("store"),
             shard_minutes=shard_minutes or settings.shard_minutes, workers=cluster.threads,
             progress=False)
-    new = int(summary["ok"]) + int(summary["failed"])
-    if score_after and new:
+    if score_after and summary.ok + summary.failed:
         _queue_scoring(logger)
-    return dict(summary)
+    return summary
 
 
 def _queue_scoring(logger: Any) -> None:
@@ -57,7 +76,7 @@ def _queue_scoring(logger: Any) -> None:
     from prefect.exceptions import ObjectNotFound
 
     try:
-        run = run_deployment(SCORE_DEPLOYMENT, timeout=0)
+        run: Any = run_deployment(SCORE_DEPLOYMENT, timeout=0)  # sync in a sync flow
         logger.info("queued %s: flow run %s", SCORE_DEPLOYMENT, run.id)
     except ObjectNotFound:
         logger.info("no %s deployment: new tracks are scored by its schedule", SCORE_DEPLOYMENT)
@@ -71,39 +90,31 @@ def scheduled_retrain(store: str | None = None, labels: str | None = None,
     from flows.train import train_flow
 
     settings = load()
-    result = train_flow(store=store or settings.require("store"),
+    summary = train_flow(store=store or settings.require("store"),
                          labels=labels or settings.require("labels"),
                          model=model or settings.train_model,
                          registered_name=registered_name or settings.model_name,
                          train_config=train_config)
-    return {"registered_name": result["registered_name"], "promotion": result["promotion"],
-            "best_model": result["best"]["model"],
-            "test_macro_f1": result["best"]["test"].get("macro_f1")}
+    return {"registered_name": summary.registered_name, "promotion": summary.promotion,
+            "best_model": summary.best["model"],
+            "test_macro_f1": summary.best["test"].get("macro_f1")}
 
 
 @flow(name="scheduled-score", validate_parameters=False)
 def scheduled_score(store: str | None = None, model_uri: str | None = None,
                     dask_address: str | None = None, workers: int | None = None,
-                    neighbours_k: int | None = None) -> dict[str, Any]:
+                    neighbours_k: int | None = None) -> ScheduledScoreSummary:
     """Score what the champion has not scored yet, then refresh the neighbours table."""
-    from flows.neighbours import neighbours_flow
-    from flows.score import score_flow
-
     settings = load()
     store = store or settings.require("store")
     uri = model_uri or f"models:/{settings.model_name}@champion"
     k = settings.neighbours_k if neighbours_k is None else neighbours_k
-    logger = get_run_logger()
-    with _cluster(dask_address, workers) as cluster:
-        logger.info("Dask scheduler %s (%d workers); dashboard %s", cluster.address,
-                    cluster.workers, cluster.dashboard)
-        runner = DaskTaskRunner(address=cluster.address)
-        summary = score_flow.with_options(task_runner=runner)(
+    with _runner(dask_address, workers) as (cluster, runner):
+        score: ScoreSummary = score_flow.with_options(task_runner=runner)(
             store=store, model_uri=uri, workers=cluster.threads, progress=False)
-        out: dict[str, Any] = {"score": dict(summary)}
+        out = ScheduledScoreSummary(score)
         if k > 0:
-            name, version = summary["model_name"], summary["model_version"]
-            out["neighbours"] = neighbours_flow.with_options(task_runner=runner.duplicate())(
-                store=store, k=k, model=f"{name}/{version}", workers=cluster.threads,
-                progress=False)
+            out.neighbours = neighbours_flow.with_options(task_runner=runner.duplicate())(
+                store=store, k=k, model=f"{score.model_name}/{score.model_version}",
+                workers=cluster.threads, progress=False)
     return out

@@ -3,8 +3,9 @@
 ``score_flow`` is a Prefect flow whose tasks run on a ``DaskTaskRunner``; one task run scores a
 part (several whole feature shards), each worker loads the model once. The model is resolved
 to an exact registry version first (an alias can move while a run is in progress), and a model
-trained on another feature set than the store holds is refused. :func:`run_score` picks the
-cluster and runs the flow.
+trained on another feature set than the store holds is refused. The task bodies are in
+:mod:`flows.score_worker`; :func:`run_score` runs the flow on a cluster through
+:mod:`flows.runtime`.
 """
 
 from __future__ import annotations
@@ -19,16 +20,15 @@ from typing import Any
 from prefect import flow, get_run_logger, task, unmapped
 from prefect.cache_policies import NO_CACHE
 from prefect.context import FlowRunContext
-from prefect.futures import as_completed
-from prefect_dask import DaskTaskRunner
 
 from featurestore.scores import ScoredModel, ScoreManifest, ScoreStore, part_id_of
-from featurestore.store import FeatureStore, ShardManifest
-from flows.cluster import dask_cluster
-from flows.prefect_api import prefect_api
-from flows.progress import Progress
-from flows.records import ScorePartResult, ScorePlan
+from featurestore.store import FeatureStore, ShardManifest, mlflow_db_path
+from flows.cluster import Echo
+from flows.ingest import IngestSummary, ingest_flow
+from flows.ingest_worker import warm_worker
+from flows.records import ScorePartResult, ScorePlan, from_fields
 from flows.report import publish, run_id
+from flows.runtime import Warmup, commit_as_completed, run_on_cluster
 from flows.score_worker import load_predictor, score_part, warm_scorer
 from tasks.config import FeatureConfig
 from tasks.errors import StoreError
@@ -56,7 +56,7 @@ class ScoreSummary:
     workers: int = 1
     device: str = ""
     label_counts: dict[str, int] = field(default_factory=dict)
-    ingest: dict[str, Any] | None = None
+    ingest: IngestSummary | None = None
 
     @property
     def tracks_per_s(self) -> float:
@@ -66,6 +66,22 @@ class ScoreSummary:
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready dict including derived figures."""
         return asdict(self) | {"tracks_per_s": self.tracks_per_s}
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> ScoreSummary:
+        """Inverse of :meth:`to_dict` (derived figures are recomputed)."""
+        return from_fields(cls, data, ingest=IngestSummary.from_dict)
+
+    def add(self, result: ScorePartResult) -> None:
+        """Count a committed part."""
+        self.tracks += result.n_tracks
+        self.segments += result.n_segments
+        self.parts += 1
+        self.compute_s += result.compute_s
+        self.unconfident += result.n_unconfident
+        self.device = result.device
+        for label, count in result.label_counts.items():
+            self.label_counts[label] = self.label_counts.get(label, 0) + count
 
     def render(self) -> str:
         """Human-readable end-of-run summary."""
@@ -108,20 +124,20 @@ def plan_parts(manifests: list[ShardManifest], done: set[str], model: ScoredMode
     todo = sorted((m for m in manifests if m.shard_id not in done), key=lambda m: m.shard_id)
     if not todo:
         return []
-    total = sum(m.n_segments for m in todo)
+    total = sum(m.counts.n_segments for m in todo)
     n = min(len(todo), max(2 * workers, math.ceil(total / max_segments)))
     target = max(1.0, total / n)
     groups: list[list[ShardManifest]] = [[]]
     size = 0
     for m in todo:  # contiguous: close a part at the target, never pass the cap
-        if groups[-1] and (size >= target or size + m.n_segments > max_segments):
+        if groups[-1] and (size >= target or size + m.counts.n_segments > max_segments):
             groups.append([])
             size = 0
         groups[-1].append(m)
-        size += m.n_segments
+        size += m.counts.n_segments
     plans = [ScorePlan(part_id_of(model, [m.shard_id for m in g]),
-                       tuple(m.shard_id for m in g), sum(m.n_ok for m in g),
-                       sum(m.n_segments for m in g)) for g in groups if g]
+                       tuple(m.shard_id for m in g), sum(m.counts.n_ok for m in g),
+                       sum(m.counts.n_segments for m in g)) for g in groups if g]
     return sorted(plans, key=lambda p: -p.n_segments)
 
 
@@ -133,11 +149,11 @@ def tracking_uri_for(store: FeatureStore, tracking_uri: str | None = None) -> st
     from training import tracking
 
     if tracking_uri and "://" not in tracking_uri:
-        db = os.path.join(tracking_uri, "mlflow", "mlflow.db")
+        db = mlflow_db_path(tracking_uri)
         if not os.path.exists(db):
             raise StoreError(f"{tracking_uri} is neither a URI nor a store with an MLflow "
                              "database")
-        tracking_uri = f"sqlite:///{os.path.abspath(db)}"
+        tracking_uri = f"sqlite:///{db}"
     if tracking_uri:
         tracking.use(tracking_uri)
         return tracking_uri
@@ -182,7 +198,7 @@ def check_feature_set(fstore: FeatureStore, model: ScoredModel, config: dict[str
 def score_flow(store: str, model_uri: str, source: str | None = None, top_k: int = 5,
                workers: int = 1, progress: bool = True, device: str | None = None,
                tracking_uri: str | None = None, shard_minutes: float = 60.0
-               ) -> dict[str, Any]:
+               ) -> ScoreSummary:
     """Score the store (after ingesting ``source``, if given) with ``model_uri``."""
     logger = get_run_logger()
     started = time.perf_counter()
@@ -193,8 +209,6 @@ def score_flow(store: str, model_uri: str, source: str | None = None, top_k: int
                 model_uri, model.name, model.version, model.run_id, model.feature_set)
     ingest = None
     if source is not None:
-        from flows.ingest import ingest_flow
-
         runner = FlowRunContext.get().task_runner.duplicate()  # type: ignore[union-attr]
         ingest = ingest_flow.with_options(task_runner=runner)(
             source=source, store=store, config=feature_config, shard_minutes=shard_minutes,
@@ -210,8 +224,8 @@ def score_flow(store: str, model_uri: str, source: str | None = None, top_k: int
         scores.register_model(model)
         manifests = fstore.manifests(model.feature_set)
         done = scores.scored_shards(model.name, model.version)
-        summary.tracks_in_store = sum(m.n_ok for m in manifests)
-        summary.already_scored = sum(m.n_ok for m in manifests if m.shard_id in done)
+        summary.tracks_in_store = sum(m.counts.n_ok for m in manifests)
+        summary.already_scored = sum(m.counts.n_ok for m in manifests if m.shard_id in done)
         plans = plan_parts(manifests, done, model, workers=workers)
         if plans:
             _score(fstore, scores, uri, model, plans, summary, top_k, device, progress)
@@ -225,45 +239,34 @@ def score_flow(store: str, model_uri: str, source: str | None = None, top_k: int
         "wall s": summary.wall_s, "parts failed": summary.parts_failed},
         [{"label": k, "tracks": v} for k, v in sorted(summary.label_counts.items(),
                                                        key=lambda kv: -kv[1])] or None)
-    return summary.to_dict()
+    return summary
 
 
 def _score(fstore: FeatureStore, scores: ScoreStore, tracking_uri: str, model: ScoredModel,
            plans: list[ScorePlan], summary: ScoreSummary, top_k: int, device: str | None,
            progress: bool) -> None:
-    logger = get_run_logger()
     futures = score_task.map(fstore.url, tracking_uri, unmapped(model.to_dict()), plans, top_k,
                              device)
-    total = sum(p.n_tracks for p in plans)
-    with Progress("score", total=total, unit="tracks", enabled=progress) as bar:
-        for future in as_completed(futures):
-            future.wait()
-            if not future.state.is_completed():
-                summary.parts_failed += 1
-                logger.error("score part failed after retries: %s", future.state.message)
-                continue
-            result: ScorePartResult = future.result()
-            scores.commit(result.staged_dir, ScoreManifest(
-                part_id=result.part_id, shards=result.shards, n_tracks=result.n_tracks,
-                n_segments=result.n_segments, model_name=model.name,
-                model_version=model.version, feature_set=model.feature_set,
-                extra={"compute_s": result.compute_s, "device": result.device}))
-            summary.tracks += result.n_tracks
-            summary.segments += result.n_segments
-            summary.parts += 1
-            summary.compute_s += result.compute_s
-            summary.unconfident += result.n_unconfident
-            summary.device = result.device
-            for label, count in result.label_counts.items():
-                summary.label_counts[label] = summary.label_counts.get(label, 0) + count
-            bar.advance(result.n_tracks)
+
+    def commit(result: ScorePartResult) -> float:
+        scores.commit(result.staged_dir, ScoreManifest(
+            part_id=result.part_id, shards=result.shards, n_tracks=result.n_tracks,
+            n_segments=result.n_segments, model_name=model.name,
+            model_version=model.version, feature_set=model.feature_set,
+            extra={"compute_s": result.compute_s, "device": result.device}))
+        summary.add(result)
+        return result.n_tracks
+
+    summary.parts_failed += commit_as_completed(
+        futures, commit, what="score", total=sum(p.n_tracks for p in plans), unit="tracks",
+        progress=progress)
 
 
 def run_score(store: str, model_uri: str, *, source: str | None = None, top_k: int = 5,
               dask_address: str | None = None, n_workers: int | None = None,
               device: str | None = None, tracking_uri: str | None = None,
               progress: bool = True, shard_minutes: float = 60.0,
-              echo: bool = True) -> ScoreSummary:
+              echo: Echo = None) -> ScoreSummary:
     """Run the score flow on a Dask cluster (an existing one, or a local one started here).
 
     Parameters
@@ -276,7 +279,7 @@ def run_score(store: str, model_uri: str, *, source: str | None = None, top_k: i
         Audio to ingest first (only what the store does not hold is processed).
     top_k : int
         Labels kept per track in ``top_labels``.
-    dask_address, n_workers : as for :func:`flows.ingest.run_ingest`.
+    dask_address, n_workers, echo : as for :func:`flows.ingest.run_ingest`.
     device : str, optional
         Torch device of the workers (default: CUDA when present).
     tracking_uri : str, optional
@@ -286,22 +289,15 @@ def run_score(store: str, model_uri: str, *, source: str | None = None, top_k: i
     fstore = FeatureStore(store, create=source is not None)
     uri = tracking_uri_for(fstore, tracking_uri)
     model, config = scored_model(model_uri, uri)
-    with prefect_api(start=False) as api, dask_cluster(dask_address, n_workers=n_workers,
-                                                       echo=echo) as cluster:
-        cluster.warm(warm_scorer, uri, model.uri, device)
-        if source is not None:
-            from flows.ingest_worker import warm_worker
-
-            cluster.warm(warm_worker, FeatureConfig.from_dict(config).to_json())
-        api.start()
-        runner = DaskTaskRunner(address=cluster.address)
-        result = score_flow.with_options(task_runner=runner)(
-            store=store, model_uri=model.uri, source=source, top_k=top_k,
-            workers=cluster.threads, progress=progress, device=device, tracking_uri=uri,
-            shard_minutes=shard_minutes)
-    data = dict(result)
-    data.pop("tracks_per_s", None)
-    return ScoreSummary(**data)
+    warm: list[Warmup] = [(warm_scorer, (uri, model.uri, device))]
+    if source is not None:
+        warm.append((warm_worker, (FeatureConfig.from_dict(config).to_json(),)))
+    result: ScoreSummary = run_on_cluster(
+        score_flow, {"store": store, "model_uri": model.uri, "source": source, "top_k": top_k,
+                     "progress": progress, "device": device, "tracking_uri": uri,
+                     "shard_minutes": shard_minutes},
+        dask_address=dask_address, n_workers=n_workers, warm=warm, echo=echo)
+    return result
 
 
 def summary_json(summary: ScoreSummary) -> str:

@@ -17,13 +17,12 @@ import time
 from typing import Any
 
 import numpy as np
-import pyarrow.parquet as pq
 
-from featurestore.reader import shard_matrices
+from featurestore.reader import read_shard_table, shard_matrices
 from featurestore.scores import ScoredModel, ScorePartWriter, ScoreStore
 from featurestore.store import FeatureStore
 from flows.records import ScorePartResult, ScorePlan
-from tasks.predictions import score_rows
+from tasks.predictions import align_classes, score_rows
 
 CPU_BATCH = 256
 GPU_BATCH = 2048
@@ -85,12 +84,11 @@ def _score_shard(store: FeatureStore, model: ScoredModel, predictor: Any, shard:
                  batch: int) -> tuple[dict[str, Any], dict[str, Any]]:
     """Track rows and segment rows of one feature shard."""
     fs = model.feature_set
-    with store.fs.open(store.shard_file(fs, shard, "tracks"), "rb") as fh:
-        tracks = pq.read_table(fh, columns=["track_id", "path"]).to_pydict()
+    tracks = read_shard_table(store, fs, shard, "tracks", ["track_id", "path"]).to_pydict()
     path_of = dict(zip(tracks["track_id"], tracks["path"], strict=True))
     summary_cols = list(predictor.meta["columns"]) if predictor.input == "summary" else []
-    with store.fs.open(store.shard_file(fs, shard, "segments"), "rb") as fh:
-        seg = pq.read_table(fh, columns=["track_id", "segment", "start_s", *summary_cols])
+    seg = read_shard_table(store, fs, shard, "segments",
+                           ["track_id", "segment", "start_s", *summary_cols])
     seg_ids = seg["track_id"].to_numpy(zero_copy_only=False)
     seg_no = seg["segment"].to_numpy()
     if predictor.input == "summary":
@@ -109,7 +107,7 @@ def _score_shard(store: FeatureStore, model: ScoredModel, predictor: Any, shard:
             (0, model.embed_dim), np.float32)
     start_s = _align_start(seg_ids, seg_no, seg["start_s"].to_numpy(), ids, numbers)
     track_rows, segment_rows = score_rows(
-        ids, numbers, _align_classes(probs, predictor.classes, model.classes), emb,
+        ids, numbers, align_classes(probs, predictor.classes, model.classes), emb,
         model.classes, threshold=model.threshold, multi_label=model.multi_label, top=top)
     track_rows["path"] = [path_of.get(t) for t in track_rows["track_id"]]
     segment_rows["start_s"] = start_s
@@ -126,10 +124,3 @@ def _align_start(ids: np.ndarray, numbers: np.ndarray, start_s: np.ndarray,
     return np.array([lookup.get((t, int(n)), np.nan) for t, n in
                      zip(want_ids, want_numbers, strict=True)], dtype=np.float64)
 
-
-def _align_classes(probs: np.ndarray, model_classes: list[str], classes: list[str]
-                   ) -> np.ndarray:
-    if list(model_classes) == list(classes):
-        return probs
-    index = {c: i for i, c in enumerate(model_classes)}
-    return probs[:, [index[c] for c in classes]]

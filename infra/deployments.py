@@ -109,7 +109,8 @@ def deploy(settings: Settings | None = None, *, overrides: dict[str, Any] | None
     ensure_work_pool(pool)
     out = {}
     for spec in SPECS:
-        source = prefect_flow.from_source(source=str(REPO), entrypoint=spec.entrypoint)
+        source: Any = prefect_flow.from_source(source=str(REPO),  # sync outside a flow
+                                               entrypoint=spec.entrypoint)
         deployment_id = source.deploy(
             name=spec.name, work_pool_name=pool, schedule=schedule_of(spec, settings, overrides),
             description=spec.description, tags=["mtag"], build=False, push=False,

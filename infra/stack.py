@@ -32,6 +32,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from featurestore.store import MLFLOW_DIR, mlflow_db_path
 from flows.cluster import WORKER_ENV, free_port
 from flows.settings import SettingsError, redact
 
@@ -172,10 +173,11 @@ def _start(record: dict[str, Any], store: str, folder: Path, ports: dict[str, in
     local = "://" not in store or store.startswith("file://")
     root = Path(store.removeprefix("file://")).resolve() if local else None
     if mlflow_backend_uri is None:
-        db = (root / "mlflow" / "mlflow.db") if root else (folder / "mlflow.db")
+        db = Path(mlflow_db_path(str(root))) if root else (folder / "mlflow.db")
         db.parent.mkdir(parents=True, exist_ok=True)
         mlflow_backend_uri = f"sqlite:///{db}"
-    artifacts = str(root / "mlflow" / "artifacts") if root else f"{store}/mlflow/artifacts"
+    artifacts = str(root / MLFLOW_DIR / "artifacts") if root else \
+        f"{store}/{MLFLOW_DIR}/artifacts"
     mlflow_url = f"http://{HOST}:{ports['mlflow']}"
     env = base | {"MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
     svc = add(_spawn("mlflow", [_bin("mlflow"), "server", "--backend-store-uri",

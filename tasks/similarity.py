@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 
@@ -172,7 +173,7 @@ class AnnIndex:
         self.size = 0
         self._index = self._new()
 
-    def _new(self):  # type: ignore[no-untyped-def]
+    def _new(self) -> Any:
         p = self.params
         if self.backend == "usearch":
             from usearch.index import Index

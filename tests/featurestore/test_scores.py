@@ -126,8 +126,6 @@ def test_neighbours_run_is_visible_only_once_current(tmp_path):
 
 def test_missing_model_is_an_error(tmp_path):
     store = FeatureStore(str(tmp_path / "store"), create=True)
-    with pytest.raises(StoreError, match="has not scored"):
-        ScoreStore(store).model("nope", "1")
     with pytest.raises(StoreError, match="no scores yet"):
         ScoreStore(store).latest()
 

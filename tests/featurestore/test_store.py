@@ -35,9 +35,7 @@ def write_shard(store, shard_id, tracks, *, spill_bytes=64 << 20, fail=()):
                 w.fail_track(row | {"status": "failed", "stage": "features", "error": "boom"})
             else:
                 w.end_track(row | {"duration_s": result.duration_s}, result)
-    c = w.counts
-    return staged, ShardManifest(shard_id, C.feature_set_id, c.n_tracks, c.n_ok, c.n_failed,
-                                 c.n_segments, c.audio_s, c.track_ids)
+    return staged, ShardManifest(shard_id, C.feature_set_id, w.counts)
 
 
 @pytest.fixture
@@ -77,7 +75,7 @@ def test_failed_track_leaves_no_rows_even_after_spilling(store):
     staged, manifest = write_shard(store, "s-bbb", [("ok1", 4.0), ("bad", 30.0), ("ok2", 3.0)],
                                    spill_bytes=100_000, fail={"bad"})
     store.commit(staged, manifest)
-    assert (manifest.n_ok, manifest.n_failed) == (2, 1)
+    assert (manifest.counts.n_ok, manifest.counts.n_failed) == (2, 1)
     reader = TensorReader(store)
     assert set(reader.index.track_id) == {"ok1", "ok2"}
     tracks = read_table(store, C.feature_set_id, "tracks").to_pydict()

@@ -38,7 +38,7 @@ def test_fsspec_url_source_is_listed_hashed_probed_and_decoded(tmp_path):
     store.register_feature_set(c)
     plan = plan_shards([rec], c.feature_set_id, shard_minutes=60)[0]
     result = run_shard(store.url, c.to_json(), plan)
-    assert (result.n_ok, result.n_segments) == (1, 2)
+    assert (result.counts.n_ok, result.counts.n_segments) == (1, 2)
     assert result.errors == []
 
 

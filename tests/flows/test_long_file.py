@@ -44,8 +44,8 @@ def test_two_hour_file_never_held_whole(tmp_path):
         before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
         result = run_shard(store.url, c.to_json(), plan)
         after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-        print(json.dumps({{"before": before, "after": after, "segments": result.n_segments,
-                          "ok": result.n_ok}}))
+        print(json.dumps({{"before": before, "after": after, "segments": result.counts.n_segments,
+                          "ok": result.counts.n_ok}}))
     """)
     out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
                          check=True, timeout=600)

@@ -58,11 +58,11 @@ def test_track_cap_never_overflows():
 
 def test_score_parts_cover_each_unscored_shard_once_and_balance_segments():
     from featurestore.scores import ScoredModel
-    from featurestore.store import ShardManifest
+    from featurestore.store import ShardCounts, ShardManifest
     from flows.score import plan_parts
 
     model = ScoredModel("m", "1", "r", "fs-x", ["a"], False, 0.5, 4, "logmel", "cnn")
-    shards = [ShardManifest(f"s-{i:02d}", "fs-x", 10, 9, 1, 100 + 10 * i, 60.0)
+    shards = [ShardManifest(f"s-{i:02d}", "fs-x", ShardCounts(10, 9, 1, 100 + 10 * i, 60.0))
               for i in range(12)]
     done = {"s-00", "s-05"}
     plans = plan_parts(shards, done, model, workers=2, max_segments=400)

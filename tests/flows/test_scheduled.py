@@ -43,13 +43,13 @@ def test_retrain_then_score_from_settings(labelled_store, tmp_path, monkeypatch,
     assert again["promotion"]["version"] == "2" and not again["promotion"]["promoted"]
 
     scored = scheduled_score()
-    assert scored["score"]["tracks"] == 48 and scored["score"]["model_version"] == "1"
-    assert scored["neighbours"]["tracks"] == 48 and scored["neighbours"]["k"] == 3
+    assert scored.score.tracks == 48 and scored.score.model_version == "1"
+    assert scored.neighbours.tracks == 48 and scored.neighbours.k == 3
     con = connect(FeatureStore(store))
     assert run_query(con, "SELECT count(*) AS n FROM neighbours").to_pylist() == [{"n": 144}]
     con.close()
     rescored = scheduled_score()  # nothing new: both steps do nothing
-    assert rescored["score"]["tracks"] == 0 and rescored["neighbours"]["skipped"]
+    assert rescored.score.tracks == 0 and rescored.neighbours.skipped
 
     for key in ("train-summary", "score-summary", "neighbours-summary"):
         assert artifacts(key), key
@@ -58,4 +58,4 @@ def test_retrain_then_score_from_settings(labelled_store, tmp_path, monkeypatch,
 
     monkeypatch.setenv("MTAG_SOURCE", src.rsplit("/", 1)[0] + "/catalogue")
     ingested = scheduled_ingest(score_after=False)
-    assert ingested["unchanged"] == 48 and ingested["ok"] == 0
+    assert ingested.unchanged == 48 and ingested.ok == 0

@@ -36,8 +36,8 @@ def scored(labelled_store, tmp_path_factory, dask_address, prefect_harness):
                       valid_size=0.2, test_size=0.2, model_params=CNN,
                       train_config={"epochs": 10, "batch_size": 16, "lr": 2e-3, "seed": 0},
                       workdir=str(tmp_path_factory.mktemp("work")))
-    assert out["promotion"]["version"] == "1", out
-    print("trained:", out["best"]["test"]["accuracy"], out["best"]["valid_macro_f1"])
+    assert out.promotion["version"] == "1", out
+    print("trained:", out.best["test"]["accuracy"], out.best["valid_macro_f1"])
     summary = run_score(store, f"models:/{NAME}@champion", dask_address=dask_address,
                         progress=False)
     return store, labels, summary
@@ -131,7 +131,7 @@ def test_new_version_writes_beside_the_old(scored, dask_address):
     store, labels, _ = scored
     out = train_flow(store=store, labels=labels, model="linear", registered_name=NAME,
                       valid_size=0.2, test_size=0.2)
-    version = out["promotion"]["version"]
+    version = out.promotion["version"]
     assert version == "2"
     second = run_score(store, f"models:/{NAME}/2", dask_address=dask_address, progress=False)
     assert second.tracks == 48 and second.model_version == "2"
@@ -177,7 +177,7 @@ def test_raw_audio_never_ingested_is_ingested_then_scored(scored, tmp_path, dask
     fresh = str(tmp_path / "fresh-store")
     summary = run_score(fresh, f"models:/{NAME}/1", source=str(cat), tracking_uri=store,
                         dask_address=dask_address, progress=False)
-    assert summary.ingest is not None and summary.ingest["ok"] == 3
+    assert summary.ingest is not None and summary.ingest.ok == 3
     assert summary.tracks == 3
     rows = _query(fresh, "SELECT s.path, s.label, t.status FROM scores s JOIN tracks t "
                          "USING (track_id) ORDER BY s.path")
@@ -192,7 +192,7 @@ def test_neighbours_exact_and_ann_agree_and_similar_uses_them(scored, dask_addre
     model = f"{NAME}/1"
     exact = run_neighbours(store, k=5, model=model, method="exact", dask_address=dask_address,
                            progress=False)
-    assert not exact["skipped"] and exact["tracks"] == 48
+    assert not exact.skipped and exact.tracks == 48
     ex = _query(store, "SELECT track_id, rank, neighbour_id, similarity FROM neighbours "
                        "ORDER BY track_id, rank", model=model)
     assert len(ex) == 48 * 5 and (ex["track_id"] != ex["neighbour_id"]).all()
@@ -200,7 +200,7 @@ def test_neighbours_exact_and_ann_agree_and_similar_uses_them(scored, dask_addre
         lambda s: bool(np.all(np.diff(s.to_numpy()) <= 1e-6)))).all()
     again = run_neighbours(store, k=5, model=model, method="auto", dask_address=dask_address,
                            progress=False)
-    assert again["skipped"]
+    assert again.skipped
 
     one = ex["track_id"].iloc[0]
     found, info = similar(store, one, k=5, model=model)
@@ -213,11 +213,11 @@ def test_neighbours_exact_and_ann_agree_and_similar_uses_them(scored, dask_addre
 
     ann = run_neighbours(store, k=5, model=model, method="ann", dask_address=dask_address,
                          progress=False)
-    assert ann["method"] == "ann"
+    assert ann.method == "ann"
     ap = _query(store, "SELECT track_id, neighbour_id, method FROM neighbours", model=model)
     assert set(ap["method"]) == {"ann"}
     pairs = set(zip(ex["track_id"], ex["neighbour_id"], strict=True))
     recall = len(pairs & set(zip(ap["track_id"], ap["neighbour_id"], strict=True))) / len(pairs)
     assert recall >= 0.95, recall
     # the run measured its own recall on a sample (here every track: 48 < RECALL_SAMPLE)
-    assert ann["recall_checked"] == 48 and ann["recall"] == pytest.approx(recall, abs=0.03)
+    assert ann.recall_checked == 48 and ann.recall == pytest.approx(recall, abs=0.03)

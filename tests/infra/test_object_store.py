@@ -80,7 +80,7 @@ def test_pipeline_on_s3(s3, tmp_path, monkeypatch):
     from flows.train import train_flow
 
     store = "s3://mtag/store"
-    with dask_cluster(None, n_workers=2, echo=False) as cluster:  # workers get this env
+    with dask_cluster(None, n_workers=2) as cluster:  # workers get this env
         summary = run_ingest("s3://catalogue/music/", store, dask_address=cluster.address,
                              progress=False)
         assert summary.ok == 9 and summary.failed == 0
@@ -89,12 +89,12 @@ def test_pipeline_on_s3(s3, tmp_path, monkeypatch):
         assert again.unchanged == 9 and again.ok == 0
         out = train_flow(store=store, labels=str(labels), model="linear",
                           registered_name="s3-tagger", valid_size=0.2, test_size=0.3)
-        assert out["promotion"]["promoted"]
+        assert out.promotion["promoted"]
         scored = run_score(store, "models:/s3-tagger@champion", dask_address=cluster.address,
                            progress=False)
         assert scored.tracks == 9
         nb = run_neighbours(store, k=3, dask_address=cluster.address, progress=False)
-        assert nb["tracks"] == 9 and not nb["skipped"]
+        assert nb.tracks == 9 and not nb.skipped
     found, info = similar(store, rows[0]["path"], k=3)
     assert len(found) == 3 and info["path"] == rows[0]["path"]
 

@@ -1,0 +1,112 @@
+"""The runtime every pipeline runs on: start or join a Dask cluster, start the Prefect API,
+warm the workers, run a flow on them; inside the flow, commit task results as they complete
+and count the failures.
+
+Pipelines differ in their flow (what to plan and commit) and their worker bodies (what a task
+computes), never in how they run: :func:`run_on_cluster` is the only place that wires Prefect
+to Dask, and :func:`commit_as_completed` the only loop that waits on task futures. The building
+blocks are :mod:`flows.cluster` (which cluster) and :mod:`flows.prefect_api` (which API).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from typing import TYPE_CHECKING, Any
+
+from prefect import get_run_logger
+from prefect.futures import PrefectFuture, as_completed
+
+from flows.cluster import ClusterInfo, Echo, dask_cluster
+from flows.prefect_api import prefect_api
+from flows.progress import Progress
+
+if TYPE_CHECKING:
+    from prefect_dask import DaskTaskRunner
+
+log = logging.getLogger("mtag")
+
+Warmup = tuple[Callable[..., Any], tuple[Any, ...]]
+"""A function and its arguments, run once on every worker before the flow's first task."""
+
+
+def run_on_cluster(flow: Any, parameters: dict[str, Any], *, dask_address: str | None = None,
+                   n_workers: int | None = None, warm: Sequence[Warmup] = (),
+                   echo: Echo = None) -> Any:
+    """Run ``flow(**parameters, workers=...)`` with its tasks on a Dask cluster.
+
+    The cluster is an existing scheduler (``dask_address``) or a local one started here; the
+    Prefect API is the configured server or this process's temporary one, which boots while
+    the workers spawn and warm up, so neither start-up waits for the other.
+
+    Parameters
+    ----------
+    flow : prefect.Flow
+        A flow with a ``workers`` parameter (set to the cluster's task slots).
+    parameters : dict
+        The flow's other parameters.
+    dask_address : str, optional
+        ``tcp://HOST:PORT`` of a running scheduler.
+    n_workers : int, optional
+        Worker processes of a local cluster (default: one per core).
+    warm : sequence of (function, args)
+        Run on every worker while the API boots (imports, filter banks, the model).
+    echo : callable, optional
+        Receives one line saying where the cluster and its dashboard are.
+
+    Returns
+    -------
+    Whatever the flow returns (its summary dataclass).
+    """
+    with prefect_api(start=False) as api, dask_runner(dask_address, n_workers=n_workers,
+                                                      echo=echo) as (cluster, runner):
+        for fn, args in warm:
+            cluster.warm(fn, *args)
+        api.start()
+        return flow.with_options(task_runner=runner)(**parameters, workers=cluster.threads)
+
+
+@contextlib.contextmanager
+def dask_runner(dask_address: str | None = None, *, n_workers: int | None = None,
+                echo: Echo = None) -> Iterator[tuple[ClusterInfo, DaskTaskRunner]]:
+    """A cluster (see :func:`flows.cluster.dask_cluster`) and a task runner that submits to
+    it; for flows that run pipeline flows as subflows (the scheduled ones), each subflow taking
+    ``runner.duplicate()``.
+    """
+    from prefect_dask import DaskTaskRunner
+
+    with dask_cluster(dask_address, n_workers=n_workers, echo=echo) as cluster:
+        yield cluster, DaskTaskRunner(address=cluster.address)
+
+
+def commit_as_completed(futures: Iterable[PrefectFuture[Any]], commit: Callable[[Any], float],
+                        *, what: str, total: float, unit: str, progress: bool = True) -> int:
+    """Commit each task's result as soon as it completes; return how many tasks failed.
+
+    Parameters
+    ----------
+    futures : iterable of PrefectFuture
+        Mapped task runs (each already retried by Prefect as its task says).
+    commit : callable
+        Called in the flow process with each successful result; returns the progress it
+        stands for (in ``unit``). It runs as results arrive, so a crash later loses nothing
+        already committed.
+    what : str
+        Names the work in the progress bar and in failure messages.
+    total : float
+        Progress total, in ``unit``.
+    progress : bool
+        Show the progress bar.
+    """
+    logger = get_run_logger()
+    failed = 0
+    with Progress(what, total=total, unit=unit, enabled=progress) as bar:
+        for future in as_completed(list(futures)):
+            future.wait()
+            if not future.state.is_completed():
+                failed += 1
+                logger.error("%s task failed after retries: %s", what, future.state.message)
+                continue
+            bar.advance(commit(future.result()))
+    return failed
