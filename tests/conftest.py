@@ -7,7 +7,6 @@ harness (a temporary local API). Test audio is generated here, never read from o
 from __future__ import annotations
 
 import atexit
-import csv
 import os
 import shutil
 import sys
@@ -67,7 +66,7 @@ def labelled_store(tmp_path_factory, dask_address):
 
     Returns (store path, labels path, catalogue path).
     """
-    from factories import write
+    from factories import write, write_labels
 
     from flows.ingest import run_ingest
     from tasks.synth import render_track
@@ -83,17 +82,10 @@ def labelled_store(tmp_path_factory, dask_address):
         write(str(root / rel), y, 22050)
         tags = inst if i % 5 else f"{inst}|{'strings' if inst == 'piano' else 'winds'}"
         rows.append({"path": rel, "label": inst, "tags": tags, "artist": f"artist{i % 6}"})
-    labels = root / "labels.csv"
-    with open(labels, "w", newline="") as fh:
-        w = csv.DictWriter(fh, fieldnames=["path", "label", "artist"])
-        w.writeheader()
-        w.writerows({k: r[k] for k in ("path", "label", "artist")} for r in rows)
-        w.writerow({"path": "catalogue/missing.flac", "label": "piano", "artist": "x"})
-    multi = root / "multi.csv"
-    with open(multi, "w", newline="") as fh:
-        w = csv.DictWriter(fh, fieldnames=["path", "label"])
-        w.writeheader()
-        w.writerows({"path": r["path"], "label": r["tags"]} for r in rows)
+    missing = {"path": "catalogue/missing.flac", "label": "piano", "artist": "x"}
+    labels = write_labels(root / "labels.csv", [*rows, missing], ("path", "label", "artist"))
+    multi = write_labels(root / "multi.csv", [{"path": r["path"], "label": r["tags"]}
+                                               for r in rows])
     store = root / "store"
     summary = run_ingest(str(cat), str(store), dask_address=dask_address, progress=False)
     assert summary.ok == 48

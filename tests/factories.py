@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import csv
 import os
+from collections.abc import Iterable, Mapping
 
 import numpy as np
 import soundfile as sf
@@ -87,3 +89,13 @@ def awkward_catalogue(root: str) -> dict[str, str]:
     with open(add("other/cover.jpg", "unsupported"), "wb") as fh:
         fh.write(b"\xff\xd8\xff\xe0 not really a jpeg")
     return expected
+
+
+def write_labels(path: str | os.PathLike[str], rows: Iterable[Mapping[str, object]],
+                 fields: tuple[str, ...] = ("path", "label")) -> str:
+    """A labels CSV with ``fields`` of ``rows`` (other keys ignored); returns its path."""
+    with open(path, "w", newline="") as fh:
+        w = csv.DictWriter(fh, fieldnames=list(fields), extrasaction="ignore")
+        w.writeheader()
+        w.writerows(rows)
+    return str(path)

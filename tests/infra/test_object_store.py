@@ -4,7 +4,6 @@ from the environment and are written nowhere."""
 
 from __future__ import annotations
 
-import csv
 import os
 import signal
 import socket
@@ -13,7 +12,7 @@ import sys
 import time
 
 import pytest
-from factories import write
+from factories import write, write_labels
 
 from flows.cluster import free_port
 from tasks.synth import render_track
@@ -65,11 +64,7 @@ def test_pipeline_on_s3(s3, tmp_path, monkeypatch):
             inst, "march", seconds=4.0, sample_rate=22050, seed=500 + i), 22050)
         client.upload_file(local, "catalogue", f"music/{inst}/{inst} {i}.flac")
         rows.append({"path": f"s3://catalogue/music/{inst}/{inst} {i}.flac", "label": inst})
-    labels = tmp_path / "labels.csv"
-    with open(labels, "w", newline="") as fh:
-        w = csv.DictWriter(fh, fieldnames=["path", "label"])
-        w.writeheader()
-        w.writerows(rows)
+    labels = write_labels(tmp_path / "labels.csv", rows)
 
     from featurestore.query import connect, run_query
     from featurestore.store import FeatureStore

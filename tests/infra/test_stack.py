@@ -6,7 +6,6 @@ Every server binds to 127.0.0.1 and is stopped by its process group id.
 
 from __future__ import annotations
 
-import csv
 import json
 import os
 import signal
@@ -16,7 +15,7 @@ import time
 import urllib.request
 
 import pytest
-from factories import write
+from factories import write, write_labels
 
 from tasks.synth import render_track
 
@@ -68,11 +67,7 @@ def stack(tmp_path_factory):
         write(str(cat / inst / f"t{i:02d}.wav"), render_track(
             inst, "ballad", seconds=4.0, sample_rate=22050, seed=300 + i), 22050)
         rows.append({"path": f"catalogue/{inst}/t{i:02d}.wav", "label": inst})
-    labels = root / "labels.csv"
-    with open(labels, "w", newline="") as fh:
-        w = csv.DictWriter(fh, fieldnames=["path", "label"])
-        w.writeheader()
-        w.writerows(rows)
+    labels = write_labels(root / "labels.csv", rows)
     env = {k: v for k, v in os.environ.items()
            if k not in ("PREFECT_API_URL", "MLFLOW_TRACKING_URI", "MTAG_DASK_ADDRESS")}
     env |= {"PREFECT_SERVER_SERVICES_SCHEDULER_LOOP_SECONDS": "5",
