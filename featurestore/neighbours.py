@@ -1,5 +1,5 @@
 """One all-pairs neighbours run's files: the embedding matrix and ids it searched, the HNSW
-index, and the part files of the ``neighbours`` table.
+index, and its part files of the ``neighbours`` Delta table.
 
 A run lives in ``neighbours/<model>/v<version>/runs/<run>/`` (see :mod:`featurestore.scores`)
 and is invisible until :meth:`featurestore.scores.ScoreStore.commit_neighbours` makes it
@@ -14,7 +14,9 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from featurestore import tables
 from featurestore.store import FeatureStore
+from featurestore.tables import DataFile
 
 NEIGHBOURS_ROW_GROUP = 262144
 """Rows per row group of ``neighbours``."""
@@ -38,11 +40,14 @@ class NeighbourRun:
     ----------
     store : FeatureStore
     directory : str
-        From :meth:`featurestore.scores.ScoreStore.neighbours_run_dir`.
+        The run's work files, from :meth:`featurestore.scores.ScoreStore.neighbours_run_dir`.
+    table : str
+        Folder of the version's ``neighbours`` Delta table, where the run's parts are written
+        (uncommitted until the run is made current).
     """
 
-    def __init__(self, store: FeatureStore, directory: str) -> None:
-        self.store, self.directory = store, directory
+    def __init__(self, store: FeatureStore, directory: str, table: str) -> None:
+        self.store, self.directory, self.table = store, directory, table
 
     def write_inputs(self, track_ids: np.ndarray, embeddings: np.ndarray) -> None:
         """Store the ids and the ``(n, d)`` float32 embeddings every block searches."""
@@ -83,24 +88,24 @@ class NeighbourRun:
 
     def write_part(self, start: int, track_ids: np.ndarray, ranks: np.ndarray,
                    neighbour_ids: np.ndarray, similarity: np.ndarray, *, model_name: str,
-                   model_version: str, method: str) -> str:
-        """Write one block's rows of the ``neighbours`` table; return the part's file name.
+                   model_version: str, method: str) -> DataFile:
+        """Write one block's rows of the ``neighbours`` table (not yet committed).
 
         Parameters
         ----------
         start : int
-            First matrix row of the block (names the part, so a retry overwrites it).
+            First matrix row of the block (names the part).
         track_ids, ranks, neighbour_ids, similarity : np.ndarray [shape=(m,)]
             One row per (track, neighbour); rank 1 is the most similar.
         """
         n = len(track_ids)
-        table = pa.Table.from_arrays([
+        rows = pa.Table.from_arrays([
             pa.array(track_ids, pa.string()), pa.array(ranks, pa.int32()),
             pa.array(neighbour_ids, pa.string()), pa.array(similarity, pa.float32()),
             pa.array([model_name] * n, pa.string()), pa.array([model_version] * n, pa.string()),
             pa.array([method] * n, pa.string()),
         ], schema=NEIGHBOURS_SCHEMA)
-        name = f"part-{start:09d}.parquet"
-        with self.store.fs.open(f"{self.directory}/{name}", "wb") as fh:
-            pq.write_table(table, fh, compression="zstd", row_group_size=NEIGHBOURS_ROW_GROUP)
-        return name
+        tables.ensure_table(self.store, self.table, NEIGHBOURS_SCHEMA)
+        return tables.write_data_file(self.store, self.table, rows,
+                                      prefix=f"{self.directory.rsplit('/', 1)[1]}-{start:09d}",
+                                      row_group_size=NEIGHBOURS_ROW_GROUP)

@@ -5,7 +5,7 @@ commits) and ``sources`` (the latest record of every source URI); ``scores``,
 ``segment_scores`` and ``neighbours`` of one scored model version (by default the most recently
 scored), ``score_classes`` (the class behind each position of ``probabilities``) and
 ``score_models`` (every scored model version). Views read committed files only (from the
-manifests), so a query never sees work in progress.
+Delta snapshots), so a query never sees work in progress.
 """
 
 from __future__ import annotations
@@ -31,8 +31,8 @@ from tasks.errors import ParameterError, StoreError
 OUTPUT_FORMATS = ("table", "csv", "json")
 
 
-def connect(store: FeatureStore, feature_set: str | None = None, model: str | None = None
-            ) -> duckdb.DuckDBPyConnection:
+def connect(store: FeatureStore, feature_set: str | None = None, model: str | None = None,
+            *, as_of: dict[str, int] | str | None = None) -> duckdb.DuckDBPyConnection:
     """Open an in-memory DuckDB connection with the store's views.
 
     Parameters
@@ -44,6 +44,9 @@ def connect(store: FeatureStore, feature_set: str | None = None, model: str | No
         Scored model version for ``scores``, ``segment_scores`` and ``neighbours``:
         ``NAME/VERSION`` or ``NAME`` (its most recently scored version); defaults to the most
         recently scored version of any model.
+    as_of : dict or str, optional
+        Read ``tracks`` and ``segments`` as they were: table versions (``{"tracks": 12,
+        "segments": 12}``, as training records them) or an ISO timestamp.
 
     Returns
     -------
@@ -58,12 +61,15 @@ def connect(store: FeatureStore, feature_set: str | None = None, model: str | No
         fs_id = feature_set or store.default_feature_set()
     except StoreError:
         fs_id = None
-    _parquet_view(con, "tracks", store, store.files(fs_id, "tracks") if fs_id else [],
-                  TRACKS_SCHEMA)
+    def version(table: str) -> int | str | None:
+        return as_of.get(table) if isinstance(as_of, dict) else as_of
+
+    _parquet_view(con, "tracks", store, store.files(fs_id, "tracks", version("tracks"))
+                  if fs_id else [], TRACKS_SCHEMA)
     seg_schema = segments_schema(store.config(fs_id)) if fs_id else pa.schema(
         [pa.field("track_id", pa.string()), pa.field("segment", pa.int32())])
-    _parquet_view(con, "segments", store, store.files(fs_id, "segments") if fs_id else [],
-                  seg_schema)
+    _parquet_view(con, "segments", store, store.files(fs_id, "segments", version("segments"))
+                  if fs_id else [], seg_schema)
     _parquet_view(con, "sources_log", store, store.source_files(), SOURCES_SCHEMA)
     con.execute(
         "CREATE VIEW sources AS SELECT * EXCLUDE (rn) FROM (SELECT *, row_number() OVER "
@@ -123,7 +129,7 @@ def _parquet_view(con: duckdb.DuckDBPyConnection, name: str, store: FeatureStore
         con.register(f"_{name}_empty", schema.empty_table())
         con.execute(f"CREATE VIEW {name} AS SELECT * FROM _{name}_empty")
         return
-    files = ", ".join("'" + store.uri(p).replace("'", "''") + "'" for p in paths)
+    files = ", ".join("'" + p.replace("'", "''") + "'" for p in paths)
     con.execute(f"CREATE VIEW {name} AS SELECT * FROM read_parquet([{files}])")
 
 

@@ -1,19 +1,22 @@
-"""Readers: memory-mapped dense tensors and summary tables of committed shards.
+"""Readers: memory-mapped dense tensors and summary tables of a feature set's snapshot.
 
-:class:`TensorReader` maps each committed ``tensors.arrow`` file (zero-copy on a local store)
-and serves ``(n_mels, F)`` log-mel and ``(n_mfcc, F)`` MFCC matrices by row, without copying
-the dataset into RAM. Remote stores are read through fsspec into memory shard by shard.
+:class:`TensorReader` maps each tensors file the ``segments`` snapshot names (zero-copy on a
+local store) and serves ``(n_mels, F)`` log-mel and ``(n_mfcc, F)`` MFCC matrices by row,
+without copying the dataset into RAM. Remote stores are read through fsspec into memory file
+by file. A reader opened at a table version (``version``) reads that snapshot: tensors files
+are never rewritten, so a past training set stays readable.
 """
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Iterator
 from dataclasses import dataclass
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.dataset as ds
 import pyarrow.ipc as ipc
-import pyarrow.parquet as pq
 
 from featurestore.schema import read_metadata
 from featurestore.store import FeatureStore
@@ -42,38 +45,50 @@ class TensorReader:
     store : FeatureStore
     feature_set : str, optional
         Defaults to the store's newest feature set with commits.
+    version : int or str, optional
+        Version (or ISO timestamp) of the ``segments`` table to read; default: current.
     """
 
-    def __init__(self, store: FeatureStore, feature_set: str | None = None) -> None:
+    def __init__(self, store: FeatureStore, feature_set: str | None = None, *,
+                 version: int | str | None = None) -> None:
         self.store = store
         self.feature_set = feature_set or store.default_feature_set()
         self.chunks: list[pa.RecordBatch] = []
         self.shapes: dict[str, tuple[int, int]] = {}
-        parts = []
-        for path in store.files(self.feature_set, "tensors"):
-            table = _read_ipc(store, path)
-            meta = read_metadata(table.schema)
-            if meta["feature_set"] != self.feature_set:
-                raise SchemaError(f"{path}: feature set {meta['feature_set']} in a "
-                                  f"{self.feature_set} shard")
-            self.shapes = {k: (int(v[0]), int(v[1])) for k, v in meta["shapes"].items()}
-            for batch in table.to_batches():
-                if batch.num_rows == 0:
-                    continue
-                n = batch.num_rows
-                parts.append((batch.column("track_id").to_numpy(zero_copy_only=False),
-                              batch.column("segment").to_numpy(),
-                              batch.column("valid_frames").to_numpy(),
-                              np.full(n, len(self.chunks), np.int32),
-                              np.arange(n, dtype=np.int64)))
-                self.chunks.append(batch)
-        if parts:
-            cols = [np.concatenate(c) for c in zip(*parts, strict=True)]
-        else:
-            cols = [np.array([], dtype=object), *(np.array([], dtype=t) for t in
-                                                 (np.int32, np.int32, np.int32, np.int64))]
+        rows = store.read(self.feature_set, "segments",
+                          ["track_id", "segment", "valid_frames", "tensor_file", "tensor_row"],
+                          version=version)
+        rows = rows.sort_by([("tensor_file", "ascending"), ("tensor_row", "ascending")])
+        files = rows["tensor_file"].to_numpy(zero_copy_only=False)
+        wanted = rows["tensor_row"].to_numpy()
+        chunk = np.zeros(len(wanted), np.int32)
+        row = np.zeros(len(wanted), np.int64)
+        cuts = [0, *(np.flatnonzero(files[1:] != files[:-1]) + 1).tolist(), len(files)]
+        for a, b in itertools.pairwise(cuts if len(files) else []):  # only the rows the snapshot names are served
+            chunk[a:b], row[a:b] = self._map_file(str(files[a]), wanted[a:b])
+        cols = [rows["track_id"].to_numpy(zero_copy_only=False), rows["segment"].to_numpy(),
+                rows["valid_frames"].to_numpy(), chunk, row]
         self.index = TensorIndex(*cols)
         self._values: dict[tuple[int, str], np.ndarray] = {}
+
+    def _map_file(self, tensor_file: str, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Open one tensors file; return ``(chunk, row in chunk)`` of its table ``rows``."""
+        path = self.store.tensor_path(self.feature_set, tensor_file)
+        table = _read_ipc(self.store, path)
+        meta = read_metadata(table.schema)
+        if meta["feature_set"] != self.feature_set:
+            raise SchemaError(f"{path}: feature set {meta['feature_set']} in a "
+                              f"{self.feature_set} shard")
+        self.shapes = {k: (int(v[0]), int(v[1])) for k, v in meta["shapes"].items()}
+        batches = [b for b in table.to_batches() if b.num_rows]
+        starts = np.cumsum([0, *(b.num_rows for b in batches)])
+        if len(rows) and rows.max() >= starts[-1]:
+            raise SchemaError(f"{path} has {starts[-1]} rows; the segments table names row "
+                              f"{rows.max()} (run `mtag verify`)")
+        which = np.searchsorted(starts, rows, side="right") - 1
+        base = len(self.chunks)
+        self.chunks.extend(batches)
+        return (base + which).astype(np.int32), (rows - starts[which]).astype(np.int64)
 
     def __len__(self) -> int:
         return int(self.index.segment.shape[0])
@@ -95,27 +110,38 @@ class TensorReader:
 
 def read_table(store: FeatureStore, feature_set: str, table: str,
                columns: list[str] | None = None) -> pa.Table:
-    """Concatenate a Parquet table (``tracks`` or ``segments``) over committed shards."""
-    parts = []
-    for path in store.files(feature_set, table):
-        with store.fs.open(path, "rb") as fh:
-            parts.append(pq.read_table(fh, columns=columns))
-    if not parts:
+    """A feature set's ``tracks`` or ``segments`` snapshot.
+
+    Raises
+    ------
+    SchemaError
+        If nothing is committed.
+    """
+    rows = store.read(feature_set, table, columns)
+    if rows.num_rows == 0 and not store.has_tracks(feature_set):
         raise SchemaError(f"feature set {feature_set} has no committed {table}")
-    return pa.concat_tables(parts)
+    return rows
 
 
 def read_shard_table(store: FeatureStore, feature_set: str, shard_id: str, table: str,
                      columns: list[str] | None = None) -> pa.Table:
-    """One committed shard's Parquet table (``tracks`` or ``segments``)."""
-    with store.fs.open(store.shard_file(feature_set, shard_id, table), "rb") as fh:
-        return pq.read_table(fh, columns=columns)
+    """One committed shard's rows of ``tracks`` or ``segments``."""
+    return store.read(feature_set, table, columns, filter=ds.field("shard") == shard_id)
 
 
-def shard_matrices(store: FeatureStore, feature_set: str, shard_id: str, name: str
+def shard_matrices(store: FeatureStore, feature_set: str, tensor_file: str, name: str, *,
+                   rows: np.ndarray | None = None
                    ) -> Iterator[tuple[np.ndarray, np.ndarray, np.ndarray]]:
-    """One committed shard's dense ``name`` matrices (``"logmel"`` or ``"mfcc"``), a record
+    """One tensors file's dense ``name`` matrices (``"logmel"`` or ``"mfcc"``), a record
     batch at a time (zero-copy views of the memory-mapped file on a local store).
+
+    Parameters
+    ----------
+    tensor_file : str
+        As named by the shard's ``tracks``/``segments`` rows.
+    rows : np.ndarray, optional
+        Only these rows of the file (the ``tensor_row`` of the segments the snapshot holds);
+        default every row.
 
     Yields
     ------
@@ -124,19 +150,26 @@ def shard_matrices(store: FeatureStore, feature_set: str, shard_id: str, name: s
     matrices : np.ndarray [shape=(n, rows, frames), dtype=float32]
         Read-only.
     """
-    table = _read_ipc(store, store.shard_file(feature_set, shard_id, "tensors"))
+    path = store.tensor_path(feature_set, tensor_file)
+    table = _read_ipc(store, path)
     meta = read_metadata(table.schema)
     if meta["feature_set"] != feature_set:
-        raise SchemaError(f"shard {shard_id}: feature set {meta['feature_set']}, "
-                          f"expected {feature_set}")
-    rows, frames = (int(v) for v in meta["shapes"][name])
+        raise SchemaError(f"{path}: feature set {meta['feature_set']}, expected {feature_set}")
+    n_rows, frames = (int(v) for v in meta["shapes"][name])
+    start = 0
     for batch in table.to_batches():
         if batch.num_rows == 0:
             continue
         column = batch.column(name)
         flat = column.flatten().to_numpy(zero_copy_only=True)  # honours a slice's offset
-        yield (batch.column("track_id").to_numpy(zero_copy_only=False),
-               batch.column("segment").to_numpy(), flat.reshape(len(column), rows, frames))
+        out = (batch.column("track_id").to_numpy(zero_copy_only=False),
+               batch.column("segment").to_numpy(), flat.reshape(len(column), n_rows, frames))
+        if rows is not None:
+            keep = np.isin(np.arange(start, start + batch.num_rows), rows)
+            out = (out[0][keep], out[1][keep], out[2][keep])
+        start += batch.num_rows
+        if len(out[0]):
+            yield out
 
 
 def _read_ipc(store: FeatureStore, path: str) -> pa.Table:

@@ -2,10 +2,11 @@
 
 Tables
 ------
-``tracks``     one row per track per feature set: source, status, audio facts, levels.
-``segments``   one row per (track, segment): timing and summary statistics (Parquet).
-``tensors``    one row per (track, segment): dense log-mel and MFCC matrices (Arrow IPC).
-``sources``    one row per source URI seen: size, mtime, content hash (identity cache).
+``tracks``     one row per track per feature set: source, status, audio facts, levels (Delta).
+``segments``   one row per (track, segment): timing and summary statistics (Delta).
+``tensors``    one row per (track, segment): dense log-mel and MFCC matrices (Arrow IPC files,
+               named by the ``segments`` rows that reference them).
+``sources``    one row per source URI listing: size, mtime, content hash (Delta, append-only).
 
 Writers cast to these schemas before writing; readers check them with :func:`check_schema`.
 """
@@ -22,7 +23,7 @@ from tasks.errors import SchemaError
 from tasks.track import summary_columns
 from tasks.version import CODE_VERSION
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 
 TRACKS_SCHEMA = pa.schema([
     pa.field("track_id", pa.string(), nullable=False),
@@ -43,6 +44,7 @@ TRACKS_SCHEMA = pa.schema([
     pa.field("shard", pa.string(), nullable=False),
     pa.field("processed_at", pa.timestamp("us", tz="UTC")),
     pa.field("compute_s", pa.float64()),
+    pa.field("tensor_file", pa.string()),
 ])
 
 SOURCES_SCHEMA = pa.schema([
@@ -60,7 +62,8 @@ def segments_schema(config: FeatureConfig) -> pa.Schema:
 
     Columns: ``track_id``, ``segment``, ``start_s``, ``duration_s`` (valid seconds),
     ``valid_frames``, then one ``float32`` column per summary statistic
-    (:func:`tasks.track.summary_columns`).
+    (:func:`tasks.track.summary_columns`), then where the segment's dense tensors are:
+    ``shard``, ``tensor_file`` (relative to the feature set's folder) and ``tensor_row``.
     """
     fields = [
         pa.field("track_id", pa.string(), nullable=False),
@@ -70,6 +73,8 @@ def segments_schema(config: FeatureConfig) -> pa.Schema:
         pa.field("valid_frames", pa.int32()),
     ]
     fields += [pa.field(name, pa.float32()) for name in summary_columns(config)]
+    fields += [pa.field("shard", pa.string()), pa.field("tensor_file", pa.string()),
+               pa.field("tensor_row", pa.int64())]
     return with_metadata(pa.schema(fields), config)
 
 

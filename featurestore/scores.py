@@ -3,16 +3,18 @@ the part writer and the commits.
 
 Layout under the store root, one folder per scored model version::
 
-    scores/<model>/v<version>/model.json                    the model's record (classes, ...)
-    scores/<model>/v<version>/parts/<part>/scores.parquet   one row per track
-    scores/<model>/v<version>/parts/<part>/segment_scores.parquet
-    scores/<model>/v<version>/_manifests/<part>.json        commit record: feature shards done
-    neighbours/<model>/v<version>/runs/<run>/part-*.parquet  all-pairs neighbours
-    neighbours/<model>/v<version>/current.json               commit record of the current run
+    scores/<model>/v<version>/model.json             the model's record (classes, ...)
+    scores/<model>/v<version>/scores/                Delta: one row per track
+    scores/<model>/v<version>/segment_scores/        Delta: one row per (track, segment)
+    neighbours/<model>/v<version>/neighbours/        Delta: the current all-pairs run
+    neighbours/<model>/v<version>/current.json       the current run's record
+    neighbours/<model>/v<version>/runs/<run>/        a run's embedding matrix and index
 
-A part covers whole feature shards; its manifest names them, so scoring again skips them and a
-new model version writes beside the old one. Parts are staged and committed like feature
-shards (:meth:`FeatureStore.commit_folder`). ``<model>`` is the registered name made path-safe.
+A part covers whole feature shards (every row carries its ``shard``), so scoring again skips
+shards the version has scored, and a new model version writes beside the old one. Workers
+write a part's files into the tables' folders; :meth:`ScoreStore.commit_parts` commits them
+(segment scores, then scores) under the store's commit lease, leaving out shards another
+writer scored first. ``<model>`` is the registered name made path-safe.
 """
 
 from __future__ import annotations
@@ -22,17 +24,20 @@ import hashlib
 import json
 import re
 from collections.abc import Iterable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from typing import Any
 
 import numpy as np
 import pandas as pd
 import pyarrow as pa
-import pyarrow.parquet as pq
+import pyarrow.compute as pc
+import pyarrow.dataset as ds
 
+from featurestore import tables
 from featurestore.hashing import short_hash
-from featurestore.neighbours import NeighbourRun
+from featurestore.neighbours import NEIGHBOURS_SCHEMA, NeighbourRun
 from featurestore.store import FeatureStore
+from featurestore.tables import DataFile
 from tasks.errors import StoreError
 from tasks.version import CODE_VERSION
 
@@ -42,7 +47,7 @@ SCORES_ROW_GROUP = 8192
 SEGMENT_SCORES_ROW_GROUP = 65536
 """Rows per row group of ``segment_scores``."""
 
-SCORE_TABLES = {"scores": "scores.parquet", "segment_scores": "segment_scores.parquet"}
+SCORE_TABLES = ("scores", "segment_scores")
 
 
 @dataclass(frozen=True)
@@ -78,28 +83,15 @@ class ScoredModel:
 
 
 @dataclass(frozen=True)
-class ScoreManifest:
-    """Commit record of one scored part."""
+class WrittenPart:
+    """What a scoring task wrote for one part, not yet committed."""
 
     part_id: str
     shards: list[str]
     n_tracks: int
     n_segments: int
-    model_name: str
-    model_version: str
-    feature_set: str
-    committed_at: str = ""
-    code_version: str = CODE_VERSION
-    extra: dict[str, Any] = field(default_factory=dict)
-
-    def to_dict(self) -> dict[str, Any]:
-        """JSON-ready dict."""
-        return asdict(self)
-
-    @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> ScoreManifest:
-        """Inverse of :meth:`to_dict`."""
-        return cls(**data)
+    scores_file: DataFile | None
+    segment_scores_file: DataFile | None
 
 
 def model_dir_name(name: str) -> str:
@@ -130,6 +122,7 @@ def scores_schema(model: ScoredModel) -> pa.Schema:
         pa.field("probabilities", pa.list_(pa.float32(), n)),
         pa.field("embedding", pa.list_(pa.float32(), d)),
         pa.field("n_segments", pa.int32()),
+        pa.field("shard", pa.string()),
         *_lineage_fields(),
     ]), model)
 
@@ -144,6 +137,7 @@ def segment_scores_schema(model: ScoredModel) -> pa.Schema:
         pa.field("probability", pa.float32()),
         pa.field("confident", pa.bool_()),
         pa.field("probabilities", pa.list_(pa.float32(), len(model.classes))),
+        pa.field("shard", pa.string()),
         *_lineage_fields(),
     ]), model)
 
@@ -197,18 +191,22 @@ class ScoreStore:
                 f"{self.model_root(model.name, model.version)} to score again.")
 
     def models(self) -> list[dict[str, Any]]:
-        """Every scored model version's record with its part count and last commit, oldest
-        commit first (versions with no committed part are left out).
+        """Every scored model version's record with its scored track count and last commit,
+        oldest commit first (versions with nothing committed are left out).
         """
         out = []
         for path in self.store.fs.glob(self.store.path("scores", "*", "v*", "model.json")):
             record = self.store.read_record(path)
-            manifests = self.manifests(record["name"], record["version"])
-            if manifests:
-                out.append(record | {
-                    "parts": len(manifests),
-                    "n_tracks": sum(m.n_tracks for m in manifests),
-                    "last_committed_at": max(m.committed_at for m in manifests)})
+            table = tables.open_table(self.store, self.table_path(record["name"],
+                                                                  record["version"], "scores"))
+            if table is None or not table.file_uris():
+                continue
+            last = max(int(h["timestamp"]) for h in table.history(5))
+            out.append(record | {
+                "n_tracks": int(table.count()),
+                "table_version": int(table.version()),
+                "last_committed_at": dt.datetime.fromtimestamp(last / 1000, dt.UTC).isoformat(
+                    timespec="microseconds")})
         return sorted(out, key=lambda r: r["last_committed_at"])
 
     def latest(self) -> ScoredModel:
@@ -243,15 +241,24 @@ class ScoreStore:
                              f"(scored: {have})")
         return ScoredModel.from_dict(found[-1])
 
-    # --- parts ----------------------------------------------------------------------------
-    def manifests(self, name: str, version: str) -> list[ScoreManifest]:
-        """Commit records of a version's parts, by part id."""
-        paths = self.store.fs.glob(f"{self.model_root(name, version)}/_manifests/*.json")
-        return [ScoreManifest.from_dict(self.store.read_record(p)) for p in sorted(paths)]
+    # --- tables -------------------------------------------------------------------------
+    def table_path(self, name: str, version: str, table: str) -> str:
+        """Folder of a version's Delta table (``scores``, ``segment_scores``, ``neighbours``)."""
+        area = "neighbours" if table == "neighbours" else "scores"
+        return f"{self.model_root(name, version, area)}/{table}"
+
+    def read(self, name: str, version: str, table: str, columns: list[str] | None = None, *,
+             filter: Any = None) -> pa.Table:
+        """Rows of one of a version's tables (no rows if it has none yet)."""
+        path = self.table_path(name, version, table)
+        if tables.open_table(self.store, path) is None:
+            return pa.table({c: pa.array([], pa.string()) for c in columns or []})
+        return tables.read_snapshot(self.store, path, columns, filter)
 
     def scored_shards(self, name: str, version: str) -> set[str]:
         """Feature shards a version has already scored."""
-        return {s for m in self.manifests(name, version) for s in m.shards}
+        rows = self.read(name, version, "scores", ["shard"])
+        return set(pc.unique(rows["shard"]).to_pylist()) if rows.num_rows else set()
 
     def embeddings(self, model: ScoredModel) -> tuple[pd.DataFrame, np.ndarray]:
         """Every scored track of ``model`` (``track_id``, ``path``, ``label``) and its embedding.
@@ -267,54 +274,61 @@ class ScoreStore:
         StoreError
             If the version has no committed scores.
         """
-        tables = []
-        for path in self.files(model.name, model.version, "scores"):
-            with self.store.fs.open(path, "rb") as fh:
-                tables.append(pq.read_table(fh, columns=["track_id", "path", "label",
-                                                         "embedding"]))
-        if not tables:
+        table = self.read(model.name, model.version, "scores",
+                          ["track_id", "path", "label", "embedding"])
+        if table.num_rows == 0:
             raise StoreError(f"model {model.name} v{model.version} has no committed scores")
-        table = pa.concat_tables(tables).sort_by("track_id")
+        table = table.sort_by("track_id")
         column = table["embedding"].combine_chunks()
         emb = column.flatten().to_numpy(zero_copy_only=False).reshape(len(column),
                                                                       model.embed_dim)
         return table.drop(["embedding"]).to_pandas(), np.ascontiguousarray(emb, np.float32)
 
     def source_digest(self, name: str, version: str) -> str:
-        """Names the committed parts of a version (a neighbours run records what it read)."""
-        parts = sorted(m.part_id for m in self.manifests(name, version))
-        return hashlib.blake2b("\n".join(parts).encode(), digest_size=8).hexdigest()
+        """Names the shards a version has scored (a neighbours run records what it read)."""
+        return hashlib.blake2b("\n".join(sorted(self.scored_shards(name, version))).encode(),
+                               digest_size=8).hexdigest()
 
     def files(self, name: str, version: str, table: str) -> list[str]:
-        """Committed files of ``table`` (``scores`` or ``segment_scores``) of a version."""
-        root = self.model_root(name, version)
-        return [f"{root}/parts/{m.part_id}/{SCORE_TABLES[table]}"
-                for m in self.manifests(name, version)]
+        """URIs of the current files of one of a version's tables."""
+        return tables.file_uris(self.store, self.table_path(name, version, table))
 
-    def staging_dir(self, model: ScoredModel, part_id: str) -> str:
-        """A fresh staging folder for one attempt at a part."""
-        return self.store.staging_dir("scores", model_dir_name(model.name),
-                                      f"v{model.version}", part_id)
+    def commit_parts(self, model: ScoredModel, parts: list[WrittenPart], *,
+                     run: str | None = None) -> list[str]:
+        """Commit written parts under the commit lease (segment scores, then scores); parts
+        with a shard the version has already scored are left out (another writer scored it
+        first) and their files deleted. Returns the committed part ids.
+        """
+        if not parts:
+            return []
+        with self.store.commit_lease() as lease:
+            self.store.resolve_intents()
+            done = self.scored_shards(model.name, model.version)
+            keep = []
+            for p in parts:
+                if done & set(p.shards):
+                    self._delete_files(model, p)
+                else:
+                    keep.append(p)
+                    done.update(p.shards)
+            if keep:
+                self.store.commit_pair(
+                    lease, [s for p in keep for s in p.shards],
+                    first=(self.table_path(model.name, model.version, "segment_scores"),
+                           [p.segment_scores_file for p in keep if p.segment_scores_file],
+                           segment_scores_schema(model)),
+                    last=(self.table_path(model.name, model.version, "scores"),
+                          [p.scores_file for p in keep if p.scores_file],
+                          scores_schema(model)),
+                    metadata={"mtag.operation": "score", "mtag.run": run or "",
+                              "mtag.model": f"{model.name}/{model.version}"})
+        return [p.part_id for p in keep]
 
-    def commit(self, staged_dir: str, manifest: ScoreManifest) -> bool:
-        """Publish a staged part; ``False`` if it was already committed."""
-        root = self.model_root(manifest.model_name, manifest.model_version)
-        return self.store.commit_folder(staged_dir, f"{root}/parts/{manifest.part_id}",
-                                  f"{root}/_manifests/{manifest.part_id}.json",
-                                  manifest.to_dict())
-
-    def recover(self) -> int:
-        """Delete part folders that have no manifest (left by a crash); return how many."""
-        removed = 0
-        fs = self.store.fs
-        for record in fs.glob(self.store.path("scores", "*", "v*", "model.json")):
-            root = record.rsplit("/", 1)[0]
-            committed = {p.rsplit("/", 1)[1][:-5] for p in fs.glob(f"{root}/_manifests/*.json")}
-            for part in fs.glob(f"{root}/parts/*"):
-                if part.rstrip("/").rsplit("/", 1)[1] not in committed:
-                    fs.rm(part, recursive=True)
-                    removed += 1
-        return removed
+    def _delete_files(self, model: ScoredModel, part: WrittenPart) -> None:
+        for table, f in (("scores", part.scores_file),
+                         ("segment_scores", part.segment_scores_file)):
+            if f is not None:
+                self.store.fs.rm(f"{self.table_path(model.name, model.version, table)}/{f.path}")
 
     # --- neighbours -----------------------------------------------------------------------
     def neighbours_current(self, name: str, version: str) -> dict[str, Any] | None:
@@ -325,32 +339,35 @@ class ScoreStore:
         return self.store.read_record(target)
 
     def neighbours_run_dir(self, name: str, version: str, run_id: str) -> str:
-        """Folder of one neighbours run (invisible until :meth:`commit_neighbours`)."""
+        """Folder of one neighbours run's work files (its matrix, ids and index)."""
         return f"{self.model_root(name, version, 'neighbours')}/runs/{run_id}"
 
     def neighbours_files(self, name: str, version: str) -> list[str]:
-        """Committed part files of the current neighbours run."""
-        current = self.neighbours_current(name, version)
-        if current is None:
-            return []
-        run = self.neighbours_run_dir(name, version, current["run_id"])
-        return [f"{run}/{p}" for p in current["parts"]]
+        """URIs of the current neighbours run's part files."""
+        return self.files(name, version, "neighbours")
 
     def neighbour_run(self, name: str, version: str, run_id: str) -> NeighbourRun:
         """The files of one neighbours run (see :class:`featurestore.neighbours.NeighbourRun`)."""
-        return NeighbourRun(self.store, self.neighbours_run_dir(name, version, run_id))
+        return NeighbourRun(self.store, self.neighbours_run_dir(name, version, run_id),
+                            self.table_path(name, version, "neighbours"))
 
     def neighbours_of(self, name: str, version: str, track_id: str) -> pd.DataFrame:
         """``rank``, ``neighbour_id``, ``similarity`` of ``track_id`` in the current run."""
-        import pyarrow.dataset as ds
+        return self.read(name, version, "neighbours", ["rank", "neighbour_id", "similarity"],
+                         filter=ds.field("track_id") == track_id).to_pandas()
 
-        data = ds.dataset(self.neighbours_files(name, version), format="parquet",
-                          filesystem=self.store.fs)
-        return data.to_table(columns=["rank", "neighbour_id", "similarity"],
-                             filter=ds.field("track_id") == track_id).to_pandas()
-
-    def commit_neighbours(self, name: str, version: str, record: dict[str, Any]) -> None:
-        """Make a finished run current (its record is written last), then drop older runs."""
+    def commit_neighbours(self, name: str, version: str, record: dict[str, Any],
+                          parts: list[DataFile] | None = None) -> None:
+        """Make a finished run current: one transaction replaces the table's files with the
+        run's ``parts``, then its record is written and older runs' work files go.
+        """
+        path = self.table_path(name, version, "neighbours")
+        with self.store.commit_lease() as lease:
+            old = tables.committed_paths(self.store, path)
+            lease.check()
+            tables.commit_files(self.store, path, parts or [], NEIGHBOURS_SCHEMA,
+                                metadata={"mtag.operation": "neighbours",
+                                          "mtag.run": record["run_id"]}, replace=old)
         root = self.model_root(name, version, "neighbours")
         self.store.write_record(f"{root}/current.json", record | {"committed_at": _now()})
         for run in self.store.fs.glob(f"{root}/runs/*"):
@@ -360,31 +377,33 @@ class ScoreStore:
 
 # --- writer ---------------------------------------------------------------------------------
 class ScorePartWriter:
-    """Write one part's ``scores`` and ``segment_scores`` into a staging folder.
+    """Write one part's ``scores`` and ``segment_scores`` files into those tables' folders.
 
     A context manager: rows are appended per feature shard with :meth:`add`, Parquet row groups
-    are flushed as they fill (a reader never loads more than one row group at once), and the
-    counts for the manifest are in :attr:`n_tracks` / :attr:`n_segments` afterwards.
+    are flushed as they fill (a reader never loads more than one row group at once), and
+    :attr:`written` describes the files to commit afterwards (nothing is visible before
+    :meth:`ScoreStore.commit_parts`).
     """
 
-    def __init__(self, store: FeatureStore, directory: str, model: ScoredModel) -> None:
-        self.store, self.directory, self.model = store, directory, model
+    def __init__(self, scores: ScoreStore, model: ScoredModel, part_id: str) -> None:
+        self.scores, self.model, self.part_id = scores, model, part_id
         self.schemas = {"scores": scores_schema(model),
                         "segment_scores": segment_scores_schema(model)}
         self.row_groups = {"scores": SCORES_ROW_GROUP,
                            "segment_scores": SEGMENT_SCORES_ROW_GROUP}
         self.n_tracks = 0
         self.n_segments = 0
+        self.shards: list[str] = []
         self._pending: dict[str, list[pa.Table]] = {t: [] for t in SCORE_TABLES}
         self._rows = dict.fromkeys(SCORE_TABLES, 0)
-        self._writers: dict[str, pq.ParquetWriter] = {}
-        self._sinks: dict[str, Any] = {}
+        self._writers: dict[str, tables.DataFileWriter] = {}
 
     def __enter__(self) -> ScorePartWriter:
-        for table, filename in SCORE_TABLES.items():
-            self._sinks[table] = self.store.fs.open(f"{self.directory}/{filename}", "wb")
-            self._writers[table] = pq.ParquetWriter(self._sinks[table], self.schemas[table],
-                                                    compression="zstd")
+        for table in SCORE_TABLES:
+            path = self.scores.table_path(self.model.name, self.model.version, table)
+            tables.ensure_table(self.scores.store, path, self.schemas[table])
+            self._writers[table] = tables.DataFileWriter(
+                self.scores.store, path, self.schemas[table], prefix=self.part_id).__enter__()
         return self
 
     def __exit__(self, exc_type: Any, exc: Any, tb: Any) -> None:
@@ -392,13 +411,25 @@ class ScorePartWriter:
             for table in SCORE_TABLES:
                 self._flush(table, final=True)
         for table in SCORE_TABLES:
-            self._writers[table].close()
-            self._sinks[table].close()
+            self._writers[table].__exit__(exc_type, exc, tb)
+        if exc_type is None:
+            files = {t: self._writers[t].data_file if self._writers[t].rows else None
+                     for t in SCORE_TABLES}
+            for t, f in files.items():
+                if f is None:  # an empty file is not committed
+                    self.scores.store.fs.rm(self._writers[t].full)
+            self.written = WrittenPart(self.part_id, list(self.shards), self.n_tracks,
+                                       self.n_segments, files["scores"],
+                                       files["segment_scores"])
 
-    def add(self, tracks: dict[str, Any], segments: dict[str, Any]) -> None:
-        """Append track rows and segment rows (column name -> array or list)."""
+    def add(self, tracks: dict[str, Any], segments: dict[str, Any], *, shard: str) -> None:
+        """Append one feature shard's track rows and segment rows (column name -> array or
+        list).
+        """
+        self.shards.append(shard)
         stamp = {"model_name": self.model.name, "model_version": self.model.version,
-                 "model_run_id": self.model.run_id, "feature_set": self.model.feature_set}
+                 "model_run_id": self.model.run_id, "feature_set": self.model.feature_set,
+                 "shard": shard}
         for table, columns in (("scores", tracks), ("segment_scores", segments)):
             n = len(columns["track_id"])
             if n == 0:
@@ -426,7 +457,7 @@ class ScorePartWriter:
         data = pa.concat_tables(self._pending[table]).combine_chunks()
         cut = len(data) if final else (len(data) // size) * size
         if cut:
-            self._writers[table].write_table(data.slice(0, cut), row_group_size=size)
+            self._writers[table].write(data.slice(0, cut), row_group_size=size)
         rest = data.slice(cut)
         self._pending[table] = [rest] if len(rest) else []
         self._rows[table] = len(rest)

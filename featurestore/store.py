@@ -1,49 +1,54 @@
-"""Store layout, commits and recovery: where every file of a feature store lives.
+"""Store layout, snapshots and commits: where every file of a feature store lives.
 
 Layout under the store root (a local folder or an fsspec URL such as ``s3://bucket/store``)::
 
-    store.json                                  format marker
-    sources/part-<run>.parquet                  URI -> size, mtime, content hash (append-only)
+    store.json                                  format marker (format 2: Delta tables)
+    sources/                                    Delta: URI -> size, mtime, content hash (log)
     features/<fs-id>/featureset.json            config, code version, columns, shapes
-    features/<fs-id>/shards/<shard>/tracks.parquet
-    features/<fs-id>/shards/<shard>/segments.parquet
-    features/<fs-id>/shards/<shard>/tensors.arrow
-    features/<fs-id>/_manifests/<shard>.json    the commit record, written last
-    _staging/<fs-id>/<shard>-<nonce>/           work in progress, never read
+    features/<fs-id>/tracks/                    Delta: one row per track
+    features/<fs-id>/segments/                  Delta: one row per (track, segment)
+    features/<fs-id>/tensors/<shard>-<n>.arrow  dense tensors, named by the segments rows
+    scores/, neighbours/                        score tables (featurestore/scores.py)
+    _locks/                                     the commit lease and commit intents
+    _staging/                                   scratch space of running tasks, never read
 
-Stage, then commit: workers write a whole shard under ``_staging``; :meth:`FeatureStore.commit`
-moves it into ``shards/`` (one atomic rename on a local disk) and then writes its manifest. A
-shard counts only once its manifest exists; :meth:`FeatureStore.recover` deletes everything
-else, so a crash at any moment leaves no partial shard visible and no duplicate rows.
-One writer per store at a time (:meth:`FeatureStore.lock`).
+Write, then commit: workers write a shard's tensors file and its ``tracks`` and ``segments``
+Parquet files straight into place; :meth:`FeatureStore.commit_shards` commits a group of
+shards as two Delta transactions (segments, then tracks), under the store's commit lease
+(:mod:`featurestore.lease`), after dropping tracks another writer committed first, so every
+track is in the tables once however many writers run. A shard counts once its ``tracks`` rows
+are committed: what is ingested is read from the ``tracks`` snapshot (a checkpoint and a few
+log entries), never from one file per shard; a crash between the two transactions leaves an
+intent record that :meth:`FeatureStore.recover` resolves by deleting the orphan segments.
 """
 
 from __future__ import annotations
 
-import contextlib
 import datetime as dt
+import itertools
 import json
 import os
-import socket
 import uuid
-from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import fsspec
+import numpy as np
 import pyarrow as pa
-import pyarrow.parquet as pq
+import pyarrow.compute as pc
+import pyarrow.dataset as ds
 from fsspec.implementations.local import LocalFileSystem
 
-from featurestore.schema import SOURCES_SCHEMA
+from featurestore import tables
+from featurestore.schema import SOURCES_SCHEMA, TRACKS_SCHEMA, segments_schema
+from featurestore.tables import DataFile
 from tasks.config import FeatureConfig
 from tasks.errors import StoreError
 from tasks.track import summary_columns
 from tasks.version import CODE_VERSION
 
-STORE_FORMAT = 1
-_FILENAMES = {"tracks": "tracks.parquet", "segments": "segments.parquet",
-              "tensors": "tensors.arrow"}
+STORE_FORMAT = 2
+"""1: one folder per shard with JSON commit records; 2: Delta tables (``mtag migrate``)."""
 MLFLOW_DIR = "mlflow"
 """Folder of the embedded MLflow tracking database and artifacts under a local store."""
 
@@ -69,16 +74,16 @@ class ShardCounts:
 
 @dataclass(frozen=True)
 class ShardManifest:
-    """The commit record of one shard (stored flat: the counts beside the ids)."""
+    """A committed shard, as the ``tracks`` snapshot describes it."""
 
     shard_id: str
     feature_set: str
     counts: ShardCounts
-    committed_at: str = ""
+    tensor_file: str | None = None
     code_version: str = CODE_VERSION
 
     def to_dict(self) -> dict[str, Any]:
-        """Return a JSON-serialisable dict."""
+        """Return a JSON-serialisable dict (the counts beside the ids)."""
         data = asdict(self)
         return data | data.pop("counts")
 
@@ -90,6 +95,29 @@ class ShardManifest:
         return cls(counts=counts, **{k: v for k, v in data.items() if k not in names})
 
 
+@dataclass(frozen=True)
+class WrittenShard:
+    """What a worker wrote for one shard, not yet committed: its counts, its ``tracks`` and
+    ``segments`` data files (in those tables' folders) and its tensors file.
+    """
+
+    shard_id: str
+    feature_set: str
+    counts: ShardCounts
+    tracks_file: DataFile
+    segments_file: DataFile | None
+    tensor_file: str | None  # relative to the feature set's folder
+
+
+@dataclass(frozen=True)
+class CommitResult:
+    """What :meth:`FeatureStore.commit_shards` did."""
+
+    committed: list[str]  # shard ids
+    dropped_tracks: int  # tracks another writer had committed first
+    tracks_version: int | None
+
+
 class FeatureStore:
     """A feature store rooted at a local folder or an fsspec URL.
 
@@ -99,9 +127,11 @@ class FeatureStore:
         Store root.
     create : bool
         Create the root if missing; otherwise a missing store raises :class:`StoreError`.
+    any_format : bool
+        Open a store of an older format too (only ``mtag migrate`` does).
     """
 
-    def __init__(self, url: str, *, create: bool = False) -> None:
+    def __init__(self, url: str, *, create: bool = False, any_format: bool = False) -> None:
         self.url = url.rstrip("/")
         # other processes (Dask workers) write here: never answer from a stale listing
         self.fs, self.root = fsspec.core.url_to_fs(self.url, use_listings_cache=False)
@@ -114,6 +144,11 @@ class FeatureStore:
                 raise StoreError(f"no feature store at {url} (run `mtag ingest` first)")
             self.fs.makedirs(self.root, exist_ok=True)
             self.write_record(marker, {"format": STORE_FORMAT, "created_at": _now()})
+        self.format = int(self.read_record(marker).get("format", 1))
+        if self.format != STORE_FORMAT and not any_format:
+            raise StoreError(f"store {url} has format {self.format}; this mtag reads format "
+                             f"{STORE_FORMAT} (Delta tables): run `mtag migrate --store {url}` "
+                             "once (no audio is decoded again)")
 
     # --- paths ----------------------------------------------------------------------------
     def path(self, *parts: str) -> str:
@@ -127,9 +162,17 @@ class FeatureStore:
         protocol = self.fs.protocol[0] if isinstance(self.fs.protocol, tuple) else self.fs.protocol
         return f"{protocol}://{path}"
 
-    def shard_file(self, feature_set: str, shard_id: str, table: str) -> str:
-        """Path of a committed shard's file for ``table``."""
-        return self.path("features", feature_set, "shards", shard_id, _FILENAMES[table])
+    def table_path(self, feature_set: str, table: str) -> str:
+        """Folder of a feature set's Delta table (``tracks`` or ``segments``)."""
+        return self.path("features", feature_set, table)
+
+    def tensor_path(self, feature_set: str, tensor_file: str) -> str:
+        """Path of a tensors file named by a ``tensor_file`` column."""
+        return self.path("features", feature_set, tensor_file)
+
+    def new_tensor_file(self, feature_set: str, shard_id: str) -> str:
+        """A fresh ``tensor_file`` name for one attempt at a shard."""
+        return f"tensors/{shard_id}-{uuid.uuid4().hex[:8]}.arrow"
 
     def mlflow_dir(self) -> str:
         """Folder of the embedded MLflow database and artifacts (:data:`MLFLOW_DIR`)."""
@@ -144,7 +187,9 @@ class FeatureStore:
 
     # --- feature sets ---------------------------------------------------------------------
     def register_feature_set(self, config: FeatureConfig) -> str:
-        """Record ``config`` as a feature set (idempotent) and return its id."""
+        """Record ``config`` as a feature set and create its tables (idempotent); return its
+        id.
+        """
         fs_id = config.feature_set_id
         target = self.path("features", fs_id, "featureset.json")
         if not self.fs.exists(target):
@@ -157,6 +202,8 @@ class FeatureStore:
                            "mfcc": [config.n_mfcc, config.segment_frames]},
                 "created_at": _now(),
             })
+        tables.ensure_table(self, self.table_path(fs_id, "tracks"), TRACKS_SCHEMA)
+        tables.ensure_table(self, self.table_path(fs_id, "segments"), segments_schema(config))
         return fs_id
 
     def feature_sets(self) -> list[dict[str, Any]]:
@@ -172,158 +219,279 @@ class FeatureStore:
             raise StoreError(f"feature set {feature_set} is not in store {self.url}")
         return FeatureConfig.from_dict(self.read_record(target)["config"])
 
+    def has_tracks(self, feature_set: str) -> bool:
+        """Whether any track of ``feature_set`` is committed."""
+        table = tables.open_table(self, self.table_path(feature_set, "tracks"))
+        return table is not None and len(table.file_uris()) > 0
+
     def default_feature_set(self) -> str:
-        """The most recently created feature set that has committed shards."""
+        """The most recently created feature set that has committed tracks."""
         for record in reversed(self.feature_sets()):
-            if self.manifests(record["feature_set"]):
+            if self.has_tracks(record["feature_set"]):
                 return str(record["feature_set"])
         raise StoreError(f"store {self.url} has no committed features yet")
 
-    # --- commits --------------------------------------------------------------------------
-    def staging_dir(self, *parts: str) -> str:
-        """A fresh staging folder for one attempt at a shard (``parts`` name its area)."""
-        path = self.path("_staging", *parts[:-1], f"{parts[-1]}-{uuid.uuid4().hex[:8]}")
-        self.fs.makedirs(path, exist_ok=True)
-        return path
+    # --- snapshots ------------------------------------------------------------------------
+    def read(self, feature_set: str, table: str, columns: list[str] | None = None, *,
+             filter: Any = None, version: int | str | dt.datetime | None = None) -> pa.Table:
+        """Rows of a feature set's ``tracks`` or ``segments`` snapshot."""
+        schema = TRACKS_SCHEMA if table == "tracks" else segments_schema(
+            self.config(feature_set))
+        return tables.read_snapshot(self, self.table_path(feature_set, table), columns,
+                                    filter, version, schema=schema)
 
-    def manifests(self, feature_set: str) -> list[ShardManifest]:
-        """Manifests of every committed shard of ``feature_set``, by shard id."""
-        paths = self.fs.glob(self.path("features", feature_set, "_manifests", "*.json"))
-        return [ShardManifest.from_dict(self.read_record(p)) for p in sorted(paths)]
-
-    def committed_track_ids(self, feature_set: str) -> set[str]:
-        """Ids of every track (ok or failed) in a committed shard of ``feature_set``."""
-        return {t for m in self.manifests(feature_set) for t in m.counts.track_ids}
-
-    def commit(self, staged_dir: str, manifest: ShardManifest) -> bool:
-        """Publish a staged shard: move it into place, then write its manifest.
-
-        Returns
-        -------
-        bool
-            ``False`` if the shard was already committed (the staged copy is discarded).
+    def files(self, feature_set: str, table: str,
+              version: int | str | dt.datetime | None = None) -> list[str]:
+        """URIs of the snapshot's files: the Parquet files of ``tracks``/``segments``, or the
+        tensors files (``tensors``) its segment rows name, by shard.
         """
-        fs_id, shard = manifest.feature_set, manifest.shard_id
-        return self.commit_folder(staged_dir, self.path("features", fs_id, "shards", shard),
-                            self.path("features", fs_id, "_manifests", f"{shard}.json"),
-                            manifest.to_dict())
+        if table == "tensors":
+            rows = self.read(feature_set, "segments", ["shard", "tensor_file"],
+                             version=version)
+            named = sorted(set(zip(rows["shard"].to_pylist(), rows["tensor_file"].to_pylist(),
+                                   strict=True)))
+            return [self.tensor_path(feature_set, f) for _, f in named if f]
+        return tables.file_uris(self, self.table_path(feature_set, table), version)
 
-    def commit_folder(self, staged_dir: str, final: str, record: str, data: dict[str, Any]
-                      ) -> bool:
-        """Move a staged folder to ``final``, then write the commit record ``record``.
+    def table_versions(self, feature_set: str) -> dict[str, int | None]:
+        """Current versions of the feature set's tables (recorded by training for lineage)."""
+        return {t: tables.version_of(self, self.table_path(feature_set, t))
+                for t in ("tracks", "segments")}
 
-        The record is written last, so readers that go by records never see a partial folder;
-        a crash between the two leaves an orphan that :meth:`recover` (or the next commit)
-        removes.
+    def versions_as_of(self, feature_set: str, as_of: str | int | dict[str, int] | None = None
+                       ) -> dict[str, int]:
+        """The versions of ``tracks`` and ``segments`` a training set reads.
 
-        Returns
-        -------
-        bool
-            ``False`` if ``record`` already existed (the staged copy is discarded).
-        """
-        if self.fs.exists(record):
-            self.fs.rm(staged_dir, recursive=True)
-            return False
-        if self.fs.exists(final):  # left by a crash between move and record
-            self.fs.rm(final, recursive=True)
-        self.fs.makedirs(final.rsplit("/", 1)[0], exist_ok=True)
-        if self.is_local:
-            os.rename(staged_dir, final)
-        else:  # object stores have no folders and no rename: copy each object, then delete
-            for path in self.fs.find(staged_dir):
-                self.fs.copy(path, f"{final}/{path[len(staged_dir):].lstrip('/')}")
-            self.fs.rm(staged_dir, recursive=True)
-        self.write_record(record, data | {"committed_at": _now()})
-        return True
-
-    def recover(self) -> int:
-        """Delete staging leftovers and shard folders that have no manifest.
-
-        Returns
-        -------
-        int
-            Number of folders removed.
-        """
-        removed = 0
-        staging = self.path("_staging")
-        if self.fs.exists(staging):
-            removed += len(self.fs.ls(staging))
-            self.fs.rm(staging, recursive=True)
-        for record in self.feature_sets():
-            fs_id = record["feature_set"]
-            committed = {m.shard_id for m in self.manifests(fs_id)}
-            for shard_dir in self.fs.glob(self.path("features", fs_id, "shards", "*")):
-                if os.path.basename(shard_dir.rstrip("/")) not in committed:
-                    self.fs.rm(shard_dir, recursive=True)
-                    removed += 1
-        return removed
-
-    def files(self, feature_set: str, table: str) -> list[str]:
-        """Paths of ``table``'s files in committed shards of ``feature_set``."""
-        return [self.shard_file(feature_set, m.shard_id, table)
-                for m in self.manifests(feature_set)]
-
-    # --- sources (identity cache) ---------------------------------------------------------
-    def source_files(self) -> list[str]:
-        """The ``sources`` log's files, oldest first."""
-        return sorted(self.fs.glob(self.path("sources", "*.parquet")))
-
-    def known_sources(self) -> dict[str, tuple[int, float, str]]:
-        """Latest ``uri -> (size, mtime, content_hash)`` recorded by earlier runs."""
-        paths = self.source_files()
-        known: dict[str, tuple[int, float, str]] = {}
-        for p in paths:
-            with self.fs.open(p, "rb") as fh:
-                table = pq.read_table(fh, columns=["uri", "size_bytes", "mtime",
-                                                   "content_hash"])
-            for uri, size, mtime, digest in zip(*(table[c].to_pylist() for c in table.column_names),
-                                                strict=True):
-                if digest:
-                    known[uri] = (size, mtime, digest)
-        return known
-
-    def record_sources(self, rows: list[dict[str, Any]]) -> None:
-        """Append ``rows`` (see :data:`featurestore.schema.SOURCES_SCHEMA`) to ``sources``."""
-        if not rows:
-            return
-        now = dt.datetime.now(dt.UTC)
-        table = pa.Table.from_pylist([r | {"seen_at": now} for r in rows], schema=SOURCES_SCHEMA)
-        target = self.path("sources", f"part-{_stamp()}-{uuid.uuid4().hex[:6]}.parquet")
-        self.fs.makedirs(self.path("sources"), exist_ok=True)
-        tmp = target + ".tmp"
-        with self.fs.open(tmp, "wb") as fh:
-            pq.write_table(table, fh)
-        self.fs.mv(tmp, target)
-
-    # --- single writer --------------------------------------------------------------------
-    @contextlib.contextmanager
-    def lock(self) -> Iterator[None]:
-        """Hold the store's writer lock; a live holder on this host makes this raise.
+        Parameters
+        ----------
+        as_of : str, int or dict, optional
+            None: the current versions. A ``tracks`` version (``12``): that one, with the
+            ``segments`` version current when it was committed. An ISO timestamp: both
+            tables as they were then. A dict: those versions.
 
         Raises
         ------
         StoreError
-            If another live process on this host holds the lock.
+            If the tables have no such version (vacuumed, or not yet written).
         """
-        target = self.path("_lock.json")
-        me = {"host": socket.gethostname(), "pid": os.getpid(), "since": _now()}
-        if self.fs.exists(target):
-            holder = self.read_record(target)
-            mine = holder.get("host") == me["host"] and holder.get("pid") == me["pid"]
-            if mine:  # re-entrant: a flow of this process already holds it (e.g. score ->
-                yield  # ingest); the outermost holder releases it
-                return
-            if holder.get("host") == me["host"] and _alive(int(holder.get("pid", -1))):
-                raise StoreError(
-                    f"store {self.url} is being written by pid {holder['pid']} since "
-                    f"{holder.get('since')}; wait for it or stop it"
-                )
-        self.write_record(target, me)
-        try:
-            yield
-        finally:
-            with contextlib.suppress(FileNotFoundError):
-                self.fs.rm(target)
+        if isinstance(as_of, dict):
+            return {k: int(v) for k, v in as_of.items()}
+        if as_of is None:
+            return {k: int(v or 0) for k, v in self.table_versions(feature_set).items()}
+        text = str(as_of).strip()
+        when: str | dt.datetime = text
+        if text.isdigit():
+            tracks = tables.open_table(self, self.table_path(feature_set, "tracks"))
+            stamp = next((h["timestamp"] for h in (tracks.history() if tracks else [])
+                          if h["version"] == int(text)), None)
+            if stamp is None:
+                raise StoreError(f"feature set {feature_set}'s tracks table has no version "
+                                 f"{text} (or its log entry was cleaned up)")
+            when = dt.datetime.fromtimestamp(stamp / 1000 + 0.001, dt.UTC)
+        out = {}
+        for name in ("tracks", "segments"):
+            table = tables.open_table(self, self.table_path(feature_set, name), when)
+            if table is None:
+                raise StoreError(f"feature set {feature_set} has no {name} table")
+            out[name] = int(table.version())
+        return out
+
+    def pin(self, feature_set: str, versions: dict[str, int], reason: str) -> None:
+        """Keep the ``tracks``/``segments`` versions a training set read (``reason``: the
+        registered model) through every vacuum, so it can be rebuilt (``mtag train --as-of``).
+        """
+        self.write_record(self.path("_pins", f"{uuid.uuid4().hex}.json"), {
+            "feature_set": feature_set, "reason": reason, "created_at": _now(),
+            "tables": {self.table_path(feature_set, t): int(v) for t, v in versions.items()}})
+
+    def pins(self) -> dict[str, list[int]]:
+        """Pinned versions by table folder."""
+        out: dict[str, set[int]] = {}
+        for path in self.fs.glob(self.path("_pins", "*.json")):
+            for table, version in self.read_record(path)["tables"].items():
+                out.setdefault(table, set()).add(int(version))
+        return {k: sorted(v) for k, v in out.items()}
+
+    def manifests(self, feature_set: str, version: int | str | dt.datetime | None = None
+                  ) -> list[ShardManifest]:
+        """Every committed shard of ``feature_set`` with its counts, by shard id."""
+        rows = self.read(feature_set, "tracks", ["shard", "track_id", "status", "n_segments",
+                                                 "duration_s", "tensor_file"], version=version)
+        if rows.num_rows == 0:
+            return []
+        rows = rows.sort_by([("shard", "ascending"), ("track_id", "ascending")])
+        out = []
+        shard = rows["shard"].to_numpy(zero_copy_only=False)
+        cuts = [0, *(np.flatnonzero(shard[1:] != shard[:-1]) + 1).tolist(), len(shard)]
+        ids = rows["track_id"].to_pylist()
+        ok = pc.equal(rows["status"], "ok").to_numpy(zero_copy_only=False)
+        n_seg = rows["n_segments"].fill_null(0).to_numpy()
+        dur = pc.if_else(pc.equal(rows["status"], "ok"), rows["duration_s"], 0.0).fill_null(
+            0.0).to_numpy()
+        tensor = rows["tensor_file"].to_pylist()
+        for a, b in itertools.pairwise(cuts):
+            counts = ShardCounts(n_tracks=b - a, n_ok=int(ok[a:b].sum()),
+                                 n_failed=int((~ok[a:b]).sum()),
+                                 n_segments=int(n_seg[a:b].sum()),
+                                 audio_s=float(dur[a:b].sum()), track_ids=ids[a:b])
+            out.append(ShardManifest(str(shard[a]), feature_set, counts,
+                                     next((t for t in tensor[a:b] if t), None)))
+        return out
+
+    def committed_track_ids(self, feature_set: str) -> set[str]:
+        """Ids of every track (ok or failed) committed in ``feature_set``."""
+        rows = self.read(feature_set, "tracks", ["track_id"])
+        return set(rows["track_id"].to_pylist())
+
+    # --- commits --------------------------------------------------------------------------
+    def commit_lease(self, **kwargs: Any) -> Any:
+        """The store's commit lease (:class:`featurestore.lease.CommitLease`), not yet held."""
+        from featurestore.lease import CommitLease
+
+        return CommitLease(self, **kwargs)
+
+    def staging_dir(self, *parts: str) -> str:
+        """A fresh scratch folder for one attempt at a task (``parts`` name its area)."""
+        path = self.path("_staging", *parts[:-1], f"{parts[-1]}-{uuid.uuid4().hex[:8]}")
+        self.fs.makedirs(path, exist_ok=True)
+        return path
+
+    def commit_shards(self, written: list[WrittenShard], *, run: str | None = None
+                      ) -> CommitResult:
+        """Commit written shards of one feature set: segments first, then tracks, under the
+        commit lease; tracks another writer committed meanwhile are left out (their files are
+        rewritten without them), so no track is ever in the tables twice.
+        """
+        if not written:
+            return CommitResult([], 0, None)
+        fs_id = written[0].feature_set
+        with self.commit_lease() as lease:
+            self.resolve_intents()
+            done = self.committed_track_ids(fs_id)
+            keep, dropped = [], 0
+            for w in written:
+                fresh = [t for t in w.counts.track_ids if t not in done]
+                dropped += len(w.counts.track_ids) - len(fresh)
+                if fresh:
+                    keep.append(w if len(fresh) == len(w.counts.track_ids) else
+                                self._without(w, set(fresh)))
+                done.update(fresh)
+            if not keep:
+                return CommitResult([], dropped, tables.version_of(
+                    self, self.table_path(fs_id, "tracks")))
+            shards = [w.shard_id for w in keep]
+            version = self.commit_pair(
+                lease, shards,
+                first=(self.table_path(fs_id, "segments"),
+                       [w.segments_file for w in keep if w.segments_file],
+                       segments_schema(self.config(fs_id))),
+                last=(self.table_path(fs_id, "tracks"), [w.tracks_file for w in keep],
+                      TRACKS_SCHEMA),
+                metadata={"mtag.operation": "ingest", "mtag.run": run or ""})
+        return CommitResult(shards, dropped, version)
+
+    def _without(self, w: WrittenShard, keep: set[str]) -> WrittenShard:
+        """``w`` rewritten with only the tracks in ``keep`` (rare: two writers raced)."""
+        import pyarrow.parquet as pq
+
+        def rewrite(table: str, f: DataFile) -> DataFile:
+            folder = self.table_path(w.feature_set, table)
+            with self.fs.open(f"{folder}/{f.path}", "rb") as fh:
+                rows = pq.read_table(fh)
+            rows = rows.filter(pc.is_in(rows["track_id"], pa.array(sorted(keep))))
+            self.fs.rm(f"{folder}/{f.path}")
+            return tables.write_data_file(self, folder, rows, prefix=f"{w.shard_id}-r")
+
+        tracks_file = rewrite("tracks", w.tracks_file)
+        segments_file = rewrite("segments", w.segments_file) if w.segments_file else None
+        ids = [t for t in w.counts.track_ids if t in keep]
+        counts = ShardCounts(len(ids), -1, -1, segments_file.rows if segments_file else 0,
+                             0.0, ids)  # n_ok etc. are recounted from the snapshot
+        return WrittenShard(w.shard_id, w.feature_set, counts, tracks_file, segments_file,
+                            w.tensor_file)
+
+    def commit_pair(self, lease: Any, shards: list[str], *,
+                    first: tuple[str, list[DataFile], pa.Schema],
+                    last: tuple[str, list[DataFile], pa.Schema],
+                    metadata: dict[str, Any]) -> int:
+        """Commit files to two tables that belong together (``first``, then ``last``, each a
+        ``(table folder, files, schema)``), held by ``lease``; return ``last``'s new version.
+
+        ``last`` is the table that says a shard is done (``tracks``, ``scores``). An intent
+        record written before and removed after names the shards, so a crash between the two
+        transactions is rolled back by :meth:`recover` (``first``'s rows of shards ``last``
+        lacks are deleted): no reader is left with half a group twice.
+        """
+        meta = metadata | {"mtag.shards": shards, "mtag.code_version": CODE_VERSION}
+        intent = self.path("_locks", f"intent-{uuid.uuid4().hex}.json")
+        self.write_record(intent, {"check": last[0], "rollback": first[0], "shards": shards,
+                                   "created_at": _now()})
+        lease.check()
+        tables.commit_files(self, first[0], first[1], first[2], metadata=meta)
+        lease.check()
+        version = tables.commit_files(self, last[0], last[1], last[2], metadata=meta)
+        self.fs.rm(intent)
+        return version
+
+    def resolve_intents(self) -> int:
+        """Roll back groups whose second transaction never happened (see :meth:`commit_pair`;
+        call with the commit lease held); return how many shards were rolled back.
+        """
+        rolled = 0
+        for path in self.fs.glob(self.path("_locks", "intent-*.json")):
+            intent = self.read_record(path)
+            shards = list(intent["shards"])
+            have = set(tables.read_snapshot(self, intent["check"], ["shard"],
+                                            filter=ds.field("shard").isin(shards))
+                       .column("shard").to_pylist()) if shards else set()
+            orphans = [s for s in shards if s not in have]
+            table = tables.open_table(self, intent["rollback"]) if orphans else None
+            if table is not None:
+                quoted = ", ".join("'" + s.replace("'", "''") + "'" for s in orphans)
+                table.delete(f"shard IN ({quoted})")
+            rolled += len(orphans)
+            self.fs.rm(path)
+        return rolled
+
+    def recover(self) -> int:
+        """Roll back half-committed shard groups (under the lease); return how many shards.
+
+        Data files no commit names, tensors files no row names and scratch folders of killed
+        tasks are left to :func:`featurestore.maintenance.compact`, which deletes them once
+        older than its retention: another writer may be about to commit them.
+        """
+        if not self.fs.glob(self.path("_locks", "intent-*.json")):
+            return 0
+        with self.commit_lease():
+            return self.resolve_intents()
+
+    # --- sources (identity cache) ---------------------------------------------------------
+    def known_sources(self) -> dict[str, tuple[int, float, str]]:
+        """Latest ``uri -> (size, mtime, content_hash)`` recorded by earlier runs."""
+        rows = tables.read_snapshot(self, self.path("sources"),
+                                    ["uri", "size_bytes", "mtime", "content_hash", "seen_at"],
+                                    schema=SOURCES_SCHEMA)
+        rows = rows.filter(pc.is_valid(rows["content_hash"])).sort_by("seen_at")
+        return {u: (s, m, h) for u, s, m, h in zip(
+            rows["uri"].to_pylist(), rows["size_bytes"].to_pylist(),
+            rows["mtime"].to_pylist(), rows["content_hash"].to_pylist(), strict=True)}
+
+    def record_sources(self, rows: list[dict[str, Any]]) -> None:
+        """Append ``rows`` (see :data:`featurestore.schema.SOURCES_SCHEMA`) to ``sources``
+        (appends commute: no lease needed).
+        """
+        if not rows:
+            return
+        from deltalake import write_deltalake
+
+        now = dt.datetime.now(dt.UTC)
+        table = pa.Table.from_pylist([r | {"seen_at": now} for r in rows], schema=SOURCES_SCHEMA)
+        write_deltalake(tables.table_uri(self, self.path("sources")), table, mode="append",
+                        storage_options=tables.storage_options(self))
+
+    def source_files(self) -> list[str]:
+        """URIs of the ``sources`` snapshot's files."""
+        return tables.file_uris(self, self.path("sources"))
 
     # --- records --------------------------------------------------------------------------
     def write_record(self, path: str, data: dict[str, Any]) -> None:
@@ -355,19 +523,3 @@ class FeatureStore:
 
 def _now() -> str:
     return dt.datetime.now(dt.UTC).isoformat(timespec="microseconds")
-
-
-def _stamp() -> str:
-    return dt.datetime.now(dt.UTC).strftime("%Y%m%dT%H%M%S%f")
-
-
-def _alive(pid: int) -> bool:
-    if pid <= 0:
-        return False
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True

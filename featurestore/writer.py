@@ -1,11 +1,14 @@
-"""Shard writer: one shard's tracks, segments and dense tensors, written into staging.
+"""Shard writer: one shard's tracks, segments and dense tensors, written into place.
 
-A :class:`ShardWriter` is a context manager over a staging folder. Per track it takes the dense
-tensor batches as they are produced (kept in memory, spilled to a temporary Arrow stream once a
+A :class:`ShardWriter` is a context manager. Per track it takes the dense tensor batches as they
+are produced (kept in memory, spilled to a temporary Arrow stream in a scratch folder once a
 track's share passes ``spill_bytes``), and only when the track finishes are its rows added to
-the shard, so a track that fails half-way leaves nothing behind. Every file is cast to its
-explicit schema, carries the feature set's metadata, and the writer returns the counts that go
-into the shard's manifest.
+the shard, so a track that fails half-way leaves nothing behind. The tensors file is streamed
+to its final name; the ``tracks`` and ``segments`` Parquet files are written into their Delta
+tables' folders when the shard finishes, and nothing is visible until the flow commits them
+(:meth:`featurestore.store.FeatureStore.commit_shards`). Every file is cast to its explicit
+schema and carries the feature set's metadata; the writer returns a
+:class:`~featurestore.store.WrittenShard` with the counts.
 """
 
 from __future__ import annotations
@@ -16,10 +19,10 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 import pyarrow.ipc as ipc
-import pyarrow.parquet as pq
 
+from featurestore import tables
 from featurestore.schema import TRACKS_SCHEMA, segments_schema, tensors_schema, with_metadata
-from featurestore.store import FeatureStore, ShardCounts
+from featurestore.store import FeatureStore, ShardCounts, WrittenShard
 from tasks.config import FeatureConfig
 from tasks.track import SegmentBatch, TrackResult, summary_columns
 
@@ -28,22 +31,32 @@ ROWS_PER_BATCH = 256
 
 
 class ShardWriter:
-    """Write one shard into ``directory`` (a staging folder of ``store``).
+    """Write one shard of ``store`` (see the module docstring).
 
     Parameters
     ----------
     store : FeatureStore
     directory : str
-        Staging folder from :meth:`FeatureStore.staging_dir`.
+        Scratch folder from :meth:`FeatureStore.staging_dir` (spilled tensors).
     config : FeatureConfig
     shard_id : str
     spill_bytes : int
         Per-track tensor bytes held in memory before spilling to a temporary file.
+
+    Attributes
+    ----------
+    written : WrittenShard
+        After a successful ``with`` block: the files to commit and the shard's counts.
     """
 
     def __init__(self, store: FeatureStore, directory: str, config: FeatureConfig,
                  shard_id: str, *, spill_bytes: int = DEFAULT_SPILL_BYTES) -> None:
         self.store, self.directory, self.config, self.shard_id = store, directory, config, shard_id
+        self.feature_set = config.feature_set_id
+        self.tensor_file = store.new_tensor_file(self.feature_set, shard_id)
+        self._tensor_path = store.tensor_path(self.feature_set, self.tensor_file)
+        self._rows_out = 0  # tensor rows emitted so far
+        self._track_rows: list[np.ndarray] = []  # per finished track: tensor row of each segment
         self.spill_bytes = spill_bytes
         self._tensor_schema = tensors_schema(config)
         self._segment_schema = segments_schema(config)
@@ -58,11 +71,13 @@ class ShardWriter:
         self._spill_sink: Any = None
         self._spill_path = f"{directory}/spill.arrows"
         self._track_id: str | None = None
+        self._emitted: list[np.ndarray] = []  # segment numbers of the track's emitted rows
         self._n_segments = 0
         self._audio_s = 0.0
 
     def __enter__(self) -> ShardWriter:
-        self._sink = self.store.fs.open(f"{self.directory}/tensors.arrow", "wb")
+        self.store.fs.makedirs(self._tensor_path.rsplit("/", 1)[0], exist_ok=True)
+        self._sink = self.store.fs.open(self._tensor_path, "wb")
         self._writer = ipc.new_file(self._sink, self._tensor_schema)
         return self
 
@@ -73,6 +88,7 @@ class ShardWriter:
             self._writer.close()
             self._sink.close()
             self._close_spill()
+            self.store.fs.rm(self._tensor_path)  # never named by a commit: nothing to keep
 
     # --- per track ------------------------------------------------------------------------
     def begin_track(self, track_id: str) -> None:
@@ -113,6 +129,9 @@ class ShardWriter:
             self.store.fs.rm(self._spill_path)
         for rb in self._pending:
             self._emit(rb)
+        emitted = np.concatenate(self._emitted) if self._emitted else np.zeros(0, np.int32)
+        self._track_rows.append(_rows_of(emitted, result.segment_index,
+                                         self._rows_out - len(emitted)))
         n = len(result.segment_index)
         self._segments.append((track_id, result))  # columns are built once, in _finish
         self._n_segments += n
@@ -131,10 +150,13 @@ class ShardWriter:
     # --- internals ------------------------------------------------------------------------
     def _reset_track(self) -> None:
         self._track_id, self._pending, self._pending_bytes = None, [], 0
+        self._emitted = []
 
     def _emit(self, rb: pa.RecordBatch) -> None:
         self._out_rows.append(rb)
         self._out_count += rb.num_rows
+        self._rows_out += rb.num_rows
+        self._emitted.append(rb.column("segment").to_numpy())  # this track's rows
         if self._out_count >= ROWS_PER_BATCH:
             self._flush_tensors()
 
@@ -147,6 +169,10 @@ class ShardWriter:
     def _segments_table(self) -> pa.Table:
         columns = _segments_columns(self._segments, self.config.frame_seconds,
                                     len(self._stat_names))
+        n = sum(len(r.segment_index) for _, r in self._segments)
+        rows = np.concatenate(self._track_rows) if self._track_rows else np.zeros(0, np.int64)
+        columns += [pa.array([self.shard_id] * n, pa.string()),
+                    pa.array([self.tensor_file] * n, pa.string()), pa.array(rows, pa.int64())]
         return pa.Table.from_arrays(columns, schema=self._segment_schema)
 
     def _close_spill(self) -> None:
@@ -160,15 +186,24 @@ class ShardWriter:
         self._writer.close()
         self._sink.close()
         now = dt.datetime.now(dt.UTC)
+        has_tensors = self._rows_out > 0
+        if not has_tensors:
+            self.store.fs.rm(self._tensor_path)
+        tensor_file = self.tensor_file if has_tensors else None
         tracks = pa.Table.from_pylist(
-            [r | {"shard": self.shard_id, "feature_set": self.config.feature_set_id,
-                  "processed_at": r.get("processed_at", now)} for r in self._tracks],
+            [r | {"shard": self.shard_id, "feature_set": self.feature_set,
+                  "processed_at": r.get("processed_at", now),
+                  "tensor_file": tensor_file if r["status"] == "ok" else None}
+             for r in self._tracks],
             schema=with_metadata(TRACKS_SCHEMA, self.config),
         )
         segments = self._segments_table()
-        for name, table in (("tracks", tracks), ("segments", segments)):
-            with self.store.fs.open(f"{self.directory}/{name}.parquet", "wb") as fh:
-                pq.write_table(table, fh, compression="zstd", row_group_size=65536)
+        tracks_file = tables.write_data_file(
+            self.store, self.store.table_path(self.feature_set, "tracks"), tracks,
+            prefix=self.shard_id)
+        segments_file = tables.write_data_file(
+            self.store, self.store.table_path(self.feature_set, "segments"), segments,
+            prefix=self.shard_id) if segments.num_rows else None
         self.counts = ShardCounts(
             n_tracks=len(self._tracks),
             n_ok=sum(r["status"] == "ok" for r in self._tracks),
@@ -177,6 +212,17 @@ class ShardWriter:
             audio_s=self._audio_s,
             track_ids=[r["track_id"] for r in self._tracks],
         )
+        self.written = WrittenShard(self.shard_id, self.feature_set, self.counts, tracks_file,
+                                    segments_file, tensor_file)
+
+
+def _rows_of(emitted: np.ndarray, segments: np.ndarray, first: int) -> np.ndarray:
+    """Tensor row of each of a track's ``segments``, given the segment numbers of the rows
+    emitted for it from row ``first`` on.
+    """
+    order = np.argsort(emitted, kind="stable")
+    pos = order[np.searchsorted(emitted[order], segments)]
+    return (first + pos).astype(np.int64)
 
 
 def _segments_columns(parts: list[tuple[str, TrackResult]], frame_seconds: float,

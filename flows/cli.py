@@ -130,7 +130,8 @@ def cmd_train(args: argparse.Namespace) -> int:
     summary = train_flow(store=args.store, labels=args.labels, model=args.model,
                          registered_name=args.registered_name, group_column=args.group_column,
                          valid_size=args.valid_size, test_size=args.test_size,
-                         train_config=train_config, model_params=params, workdir=args.workdir)
+                         train_config=train_config, model_params=params, workdir=args.workdir,
+                         as_of=args.as_of)
     best, promo = summary.best, summary.promotion
     print(summary.render())
     print(f"\nbest: {best['model']} (valid macro-F1 {best['valid_macro_f1']:.4f}); registered "
@@ -162,6 +163,23 @@ COMMANDS_GROUP = "mtag.commands"
 """Entry-point group of commands other packages add: ``name = "module:register"``, where
 ``register(subparsers)`` adds the command's parser."""
 STORE_HELP = "feature store root, a folder or s3://bucket/prefix (default: $MTAG_STORE)"
+
+
+def cmd_compact(args: argparse.Namespace) -> int:
+    from featurestore.maintenance import compact
+    from featurestore.store import FeatureStore
+
+    report = compact(FeatureStore(args.store), retention_hours=args.retention_hours)
+    print(report.render())
+    return 0
+
+
+def cmd_migrate(args: argparse.Namespace) -> int:
+    from featurestore.migrate import migrate
+
+    report = migrate(args.store, progress=None if args.no_progress else print)
+    print(report.render())
+    return 0
 
 
 def cmd_settings(args: argparse.Namespace) -> int:
@@ -229,6 +247,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--crop-frames", type=int, help="random crops of this many frames")
     p.add_argument("--model-params", help='JSON of model config fields, e.g. {"channels": 64}')
     p.add_argument("--workdir", help="checkpoints and artifacts (default: a temp folder)")
+    p.add_argument("--as-of", help="rebuild a past training set: a tracks table version "
+                   "(see the run's table_versions param) or an ISO timestamp")
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("evaluate", help="evaluate a registered model on a labelled store")
@@ -272,6 +292,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--workers", type=int)
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=cmd_neighbours)
+
+    p = sub.add_parser("compact", help="compact, checkpoint and vacuum the store's tables")
+    p.add_argument("--store", help=STORE_HELP)
+    p.add_argument("--retention-hours", type=float, default=168.0,
+                   help="never delete files younger than this (default 168: a week)")
+    p.set_defaults(func=cmd_compact)
+
+    p = sub.add_parser("migrate", help="turn a store of an older format into Delta tables "
+                       "(no audio is decoded again)")
+    p.add_argument("--store", help=STORE_HELP)
+    p.add_argument("--no-progress", action="store_true")
+    p.set_defaults(func=cmd_migrate)
 
     p = sub.add_parser("settings", help="every setting, its default and current value")
     p.set_defaults(func=cmd_settings)

@@ -18,13 +18,13 @@ from prefect import flow, get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 
 from featurestore.sources import SourceFile, discover
-from featurestore.store import FeatureStore, ShardManifest
+from featurestore.store import FeatureStore
 from flows.cluster import Echo
-from flows.ingest_worker import probe_files, probe_one, run_shard, warm_worker
-from flows.plan import batches, dedupe, plan_shards, triage
-from flows.records import ProbeRecord, ShardPlan, ShardResult, from_fields
+from flows.ingest_worker import probe_files, probe_one, run_batch, warm_worker
+from flows.plan import Triage, batch_shards, batches, dedupe, plan_shards, triage
+from flows.records import ProbeRecord, ShardBatch, ShardPlan, ShardResult, from_fields
 from flows.report import publish, run_id
-from flows.runtime import commit_as_completed, run_on_cluster
+from flows.runtime import CommitBuffer, commit_as_completed, run_on_cluster
 from tasks.config import FeatureConfig
 from tasks.errors import StoreError
 
@@ -51,6 +51,7 @@ class IngestSummary:
     segments: int = 0
     shards: int = 0
     shards_failed: int = 0
+    committed_elsewhere: int = 0
     audio_s: float = 0.0
     compute_s: float = 0.0
     wall_s: float = 0.0
@@ -77,7 +78,7 @@ class IngestSummary:
         """Inverse of :meth:`to_dict` (derived figures are recomputed)."""
         return from_fields(cls, data, errors=lambda es: [tuple(e) for e in es])
 
-    def add(self, result: ShardResult, *, unsupported: int) -> None:
+    def add(self, result: ShardResult, *, unsupported: int = 0) -> None:
         """Count a committed shard (``unsupported`` of its failed tracks are unsupported)."""
         counts = result.counts
         self.ok += counts.n_ok
@@ -110,6 +111,9 @@ class IngestSummary:
         if self.shards_failed:
             lines.append(f"  {self.shards_failed} shards failed after retries; "
                          "run again to finish them")
+        if self.committed_elsewhere:
+            lines.append(f"  {self.committed_elsewhere} tracks were committed by another "
+                         "writer at the same time (kept once)")
         for path, stage, error in self.errors[:10]:
             lines.append(f"  ! {stage:8s} {path}: {error}")
         if len(self.errors) > 10:
@@ -123,11 +127,13 @@ def probe_task(files: list[SourceFile]) -> list[ProbeRecord]:
     return probe_files(files)
 
 
-@task(name="extract-shard", retries=2, retry_delay_seconds=2, cache_policy=NO_CACHE,
-      task_run_name="extract-{plan.shard_id}")
-def shard_task(store_url: str, config_json: str, plan: ShardPlan) -> ShardResult:
-    """Decode, resample, segment and extract features of one shard into staging."""
-    return run_shard(store_url, config_json, plan)
+@task(name="extract-shards", retries=2, retry_delay_seconds=2, cache_policy=NO_CACHE,
+      task_run_name="extract-{batch.batch_id}")
+def shard_task(store_url: str, config_json: str, batch: ShardBatch) -> list[ShardResult]:
+    """Decode, resample, segment and extract features of a batch of shards (one shard unless
+    the run has more than :data:`flows.plan.MAX_TASK_RUNS` shards); nothing is committed.
+    """
+    return run_batch(store_url, config_json, batch)
 
 
 @flow(name="ingest", validate_parameters=False)
@@ -140,28 +146,24 @@ def ingest_flow(source: str, store: str, config: dict[str, Any] | None = None,
     logger.info("flow run %s: ingest %s into %s", run_id(), source, store)
     cfg = FeatureConfig.from_dict(config or {})
     fstore = FeatureStore(store, create=True)
-    with fstore.lock():
-        removed = fstore.recover()
-        if removed:
-            logger.info("recovered: removed %d uncommitted shard folders", removed)
-        fs_id = fstore.register_feature_set(cfg)
-        summary = IngestSummary(feature_set=fs_id, workers=workers)
-        files = discover(source)
-        summary.files = len(files)
-        committed = fstore.committed_track_ids(fs_id)
-        plan = triage(files, fstore.known_sources(), committed)
-        summary.unchanged = plan.unchanged
-        logger.info("%d files listed, %d unchanged, %d to probe",
-                    len(files), plan.unchanged, len(plan.to_probe))
-        records = _probe(plan.to_probe, workers, progress)
-        fstore.record_sources([
-            {"uri": r.uri, "size_bytes": r.size_bytes, "mtime": r.mtime,
-             "content_hash": r.content_hash, "track_id": r.track_id} for r in records
-        ])
-        pending, summary.duplicates = dedupe(records, committed)
-        shards = plan_shards(pending, fs_id, shard_minutes=shard_minutes, workers=workers)
-        if shards:
-            _extract(fstore, cfg, shards, summary, progress)
+    rolled = fstore.recover()
+    if rolled:
+        logger.info("recovered: %d half-committed shards rolled back", rolled)
+    look = look_up(fstore, source, cfg)
+    summary = IngestSummary(feature_set=look.feature_set, workers=workers, files=look.files,
+                            unchanged=look.triage.unchanged)
+    logger.info("%d files listed, %d unchanged, %d to probe", look.files,
+                look.triage.unchanged, len(look.triage.to_probe))
+    records = _probe(look.triage.to_probe, workers, progress)
+    fstore.record_sources([
+        {"uri": r.uri, "size_bytes": r.size_bytes, "mtime": r.mtime,
+         "content_hash": r.content_hash, "track_id": r.track_id} for r in records
+    ])
+    pending, summary.duplicates = dedupe(records, look.committed)
+    shards = plan_shards(pending, look.feature_set, shard_minutes=shard_minutes,
+                         workers=workers)
+    if shards:
+        _extract(fstore, cfg, shards, summary, progress)
     summary.wall_s = time.perf_counter() - started
     logger.info(summary.render())
     publish("ingest-summary", f"ingest into {summary.feature_set}", {
@@ -199,19 +201,50 @@ def _probe(files: list[SourceFile], workers: int, progress: bool) -> list[ProbeR
 
 def _extract(fstore: FeatureStore, cfg: FeatureConfig, shards: list[ShardPlan],
              summary: IngestSummary, progress: bool) -> None:
-    futures = shard_task.map(fstore.url, cfg.to_json(), shards)
-    by_id = {s.shard_id: s for s in shards}
+    task_batches = batch_shards(shards)
+    futures = shard_task.map(fstore.url, cfg.to_json(), task_batches)
+    buffer = CommitBuffer(lambda results: _commit(fstore, results, summary))
 
-    def commit(result: ShardResult) -> float:
-        plan = by_id[result.shard_id]
-        fstore.commit(result.staged_dir, ShardManifest(result.shard_id, summary.feature_set,
-                                                       result.counts))
-        summary.add(result, unsupported=sum(t.status == "unsupported" for t in plan.tracks))
-        return plan.audio_s / 60.0
+    def commit(results: list[ShardResult]) -> float:
+        buffer.add(results)
+        return sum(r.counts.audio_s for r in results) / 60.0
 
     summary.shards_failed += commit_as_completed(
         futures, commit, what="extract", total=sum(s.audio_s for s in shards) / 60.0,
-        unit="audio min", progress=progress)
+        unit="audio min", progress=progress, fail_weight=lambda i: len(task_batches[i].shards))
+    buffer.flush()
+
+
+def _commit(fstore: FeatureStore, results: list[ShardResult], summary: IngestSummary) -> None:
+    """Commit a group of shards (one Delta transaction per table) and count them."""
+    done = fstore.commit_shards([r.written for r in results], run=run_id())
+    committed = set(done.committed)
+    for result in results:
+        if result.shard_id in committed:
+            summary.add(result, unsupported=result.unsupported)
+    summary.committed_elsewhere += done.dropped_tracks
+    if done.dropped_tracks:
+        get_run_logger().warning("%d tracks were committed by another writer first; their "
+                                 "rows from this run were left out", done.dropped_tracks)
+
+
+@dataclass(frozen=True)
+class LookUp:
+    """What the store already holds of a source: the preflight of every ingest run."""
+
+    feature_set: str
+    files: int
+    triage: Triage
+    committed: set[str]
+
+
+def look_up(fstore: FeatureStore, source: str, cfg: FeatureConfig) -> LookUp:
+    """List ``source`` and split it against the store's snapshots (no audio is opened)."""
+    fs_id = fstore.register_feature_set(cfg)
+    files = discover(source)
+    committed = fstore.committed_track_ids(fs_id)
+    return LookUp(fs_id, len(files), triage(files, fstore.known_sources(), committed),
+                  committed)
 
 
 def run_ingest(source: str, store: str, *, config: FeatureConfig | None = None,
@@ -239,7 +272,15 @@ def run_ingest(source: str, store: str, *, config: FeatureConfig | None = None,
     echo : callable, optional
         Receives the line saying where the Dask cluster and its dashboard are.
     """
+    started = time.perf_counter()
     cfg = config or FeatureConfig()
+    look = look_up(FeatureStore(store, create=True), source, cfg)
+    if not look.triage.to_probe:  # nothing new: no cluster, no Prefect API, no flow run
+        summary = IngestSummary(look.feature_set, files=look.files,
+                                unchanged=look.triage.unchanged,
+                                wall_s=time.perf_counter() - started)
+        log.info(summary.render())
+        return summary
     result: IngestSummary = run_on_cluster(
         ingest_flow, {"source": source, "store": store, "config": cfg.to_dict(),
                       "shard_minutes": shard_minutes, "progress": progress},

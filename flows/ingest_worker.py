@@ -11,6 +11,7 @@ from __future__ import annotations
 import datetime as dt
 import functools
 import os
+import pickle
 import resource
 import socket
 import time
@@ -21,7 +22,7 @@ from featurestore.hashing import content_hash, track_id_of
 from featurestore.sources import SourceFile
 from featurestore.store import FeatureStore
 from featurestore.writer import ShardWriter
-from flows.records import ProbeRecord, ShardPlan, ShardResult
+from flows.records import ProbeRecord, ShardBatch, ShardPlan, ShardResult
 from tasks.config import FeatureConfig
 from tasks.decode import audio_format, open_audio, probe, read_blocks
 from tasks.errors import DecodeError
@@ -76,13 +77,40 @@ def probe_one(f: SourceFile) -> ProbeRecord:
                        channels=info.channels, duration_s=info.duration_s)
 
 
+def run_batch(store_url: str, config_json: str, batch: ShardBatch) -> list[ShardResult]:
+    """Process the shards of ``batch`` one after another; nothing is committed.
+
+    Each finished shard's result is kept in the store's scratch space under the batch id, so a
+    retry of the task (a worker died, say) picks up finished shards and redoes only the rest.
+    """
+    store = FeatureStore(store_url)
+    scratch = store.path("_staging", "batches", batch.batch_id)
+    results = []
+    for plan in batch.shards:
+        done = f"{scratch}/{plan.shard_id}.pickle"
+        if store.fs.exists(done):
+            with store.fs.open(done, "rb") as fh:
+                results.append(pickle.load(fh))
+            continue
+        result = run_shard(store_url, config_json, plan)
+        if len(batch.shards) > 1:
+            store.fs.makedirs(scratch, exist_ok=True)
+            with store.fs.open(done, "wb") as fh:
+                pickle.dump(result, fh)
+        results.append(result)
+    if len(batch.shards) > 1:
+        store.fs.rm(scratch, recursive=True)
+    return results
+
+
 def run_shard(store_url: str, config_json: str, plan: ShardPlan) -> ShardResult:
-    """Process every track of ``plan`` into a staged shard of ``store_url``.
+    """Process every track of ``plan`` into uncommitted files of ``store_url``.
 
     Returns
     -------
     ShardResult
-        Counts, the staging folder to commit, compute time and the worker's peak memory.
+        The files to commit with the shard's counts, compute time and the worker's peak
+        memory.
     """
     import json
 
@@ -92,13 +120,17 @@ def run_shard(store_url: str, config_json: str, plan: ShardPlan) -> ShardResult:
     store = FeatureStore(store_url)
     staged = store.staging_dir(plan.feature_set, plan.shard_id)
     errors: list[tuple[str, str, str]] = []
-    with ShardWriter(store, staged, config, plan.shard_id) as writer:
-        for record in plan.tracks:
-            failure = _process_track(record, config, extractor, writer)
-            if failure:
-                errors.append((record.uri, *failure))
+    try:
+        with ShardWriter(store, staged, config, plan.shard_id) as writer:
+            for record in plan.tracks:
+                failure = _process_track(record, config, extractor, writer)
+                if failure:
+                    errors.append((record.uri, *failure))
+    finally:
+        store.fs.rm(staged, recursive=True)
     return ShardResult(
-        shard_id=plan.shard_id, staged_dir=staged, counts=writer.counts,
+        shard_id=plan.shard_id, written=writer.written,
+        unsupported=sum(t.status == "unsupported" for t in plan.tracks),
         compute_s=time.perf_counter() - started,
         peak_rss_mb=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0,
         worker=f"{socket.gethostname()}:{os.getpid()}", errors=errors,

@@ -27,6 +27,7 @@ from prefect.cache_policies import NO_CACHE
 
 from featurestore.scores import ScoredModel, ScoreStore
 from featurestore.store import FeatureStore
+from featurestore.tables import DataFile
 from flows.cluster import Echo
 from flows.neighbours_worker import ANN_BACKEND, ANN_PARAMS, BlockResult, build_index, search_block
 from flows.records import from_fields
@@ -169,18 +170,19 @@ class NeighboursSummary:
 
 
 @task(name="build-ann-index", retries=1, cache_policy=NO_CACHE)
-def build_index_task(store_url: str, run_dir: str, threads: int) -> float:
+def build_index_task(store_url: str, model_json: dict[str, Any], run_id: str,
+                     threads: int) -> float:
     """Build the HNSW index of the run's embeddings and store it beside them."""
-    return build_index(store_url, run_dir, threads)
+    return build_index(store_url, ScoredModel.from_dict(model_json), run_id, threads)
 
 
 @task(name="neighbours-block", retries=2, retry_delay_seconds=2, cache_policy=NO_CACHE,
       task_run_name="neighbours-{start}")
-def block_task(store_url: str, run_dir: str, start: int, stop: int, k: int, method: str,
-               model_json: dict[str, Any], check: int = 0) -> BlockResult:
+def block_task(store_url: str, model_json: dict[str, Any], run_id: str, start: int, stop: int,
+               k: int, method: str, check: int = 0) -> BlockResult:
     """The ``k`` nearest tracks of rows ``start..stop`` into one part file."""
-    return search_block(store_url, run_dir, start, stop, k, method,
-                        ScoredModel.from_dict(model_json), check)
+    return search_block(store_url, ScoredModel.from_dict(model_json), run_id, start, stop, k,
+                        method, check)
 
 
 def query_blocks(n: int, workers: int) -> list[tuple[int, int]]:
@@ -216,9 +218,9 @@ def neighbours_flow(store: str, k: int = 10, model: str | None = None, method: s
             current["tracks"]
         summary.wall_s = time.perf_counter() - started
         return summary
-    with fstore.lock():
-        record = _all_pairs(scores, chosen, summary, method, workers, progress)
-        scores.commit_neighbours(chosen.name, chosen.version, record | {"source_digest": digest})
+    record, parts = _all_pairs(scores, chosen, summary, method, workers, progress)
+    scores.commit_neighbours(chosen.name, chosen.version, record | {"source_digest": digest},
+                             parts)
     summary.wall_s = time.perf_counter() - started
     logger.info("flow run %s: neighbours of %d tracks x %d by %s in %.1f s", run_id(),
                 summary.tracks, k, summary.method, summary.wall_s)
@@ -230,8 +232,8 @@ def neighbours_flow(store: str, k: int = 10, model: str | None = None, method: s
 
 
 def _all_pairs(scores: ScoreStore, model: ScoredModel, summary: NeighboursSummary, method: str,
-               workers: int, progress: bool) -> dict[str, Any]:
-    """Search every track's neighbours into a new run; return the run's commit record."""
+               workers: int, progress: bool) -> tuple[dict[str, Any], list[DataFile]]:
+    """Search every track's neighbours into a new run; return the run's record and parts."""
     tracks, emb = scores.embeddings(model)
     n = summary.tracks = len(tracks)
     if n < 2:
@@ -244,13 +246,13 @@ def _all_pairs(scores: ScoreStore, model: ScoredModel, summary: NeighboursSummar
     del emb
     store_url = scores.store.url
     if resolved == "ann":
-        summary.build_s = build_index_task.submit(store_url, run.directory,
+        summary.build_s = build_index_task.submit(store_url, model.to_dict(), nb_run,
                                                   max(1, workers)).result()
     blocks = query_blocks(n, workers)
     check = math.ceil(RECALL_SAMPLE / len(blocks)) if resolved == "ann" else 0
-    futures = block_task.map(store_url, run.directory, [a for a, _ in blocks],
-                             [b for _, b in blocks], summary.k, resolved,
-                             unmapped(model.to_dict()), check)
+    futures = block_task.map(store_url, unmapped(model.to_dict()), nb_run,
+                             [a for a, _ in blocks], [b for _, b in blocks], summary.k,
+                             resolved, check)
     done: list[BlockResult] = []
 
     def collect(result: BlockResult) -> float:
@@ -263,12 +265,13 @@ def _all_pairs(scores: ScoreStore, model: ScoredModel, summary: NeighboursSummar
         raise StoreError(f"{failed} neighbour blocks failed after retries; the run was not "
                          "committed (run again)")
     _measured_recall(summary, done)
+    parts = sorted((r.part for r in done), key=lambda p: p.path)
     return {"run_id": nb_run, "k": summary.k, "method": resolved, "tracks": n,
-            "parts": sorted(r.part for r in done),
+            "parts": [p.path for p in parts],
             "ann": ANN_PARAMS | {"backend": ANN_BACKEND} if resolved == "ann" else None,
             "build_s": summary.build_s,
             "recall_sample": {"tracks": summary.recall_checked, "recall": summary.recall}
-            if summary.recall_checked else None}
+            if summary.recall_checked else None}, parts
 
 
 def _measured_recall(summary: NeighboursSummary, blocks: list[BlockResult]) -> None:

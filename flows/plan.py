@@ -2,13 +2,20 @@
 
 from __future__ import annotations
 
+import heapq
 import math
 from collections.abc import Iterable
 from dataclasses import dataclass
 
 from featurestore.hashing import short_hash, track_id_of
 from featurestore.sources import SourceFile
-from flows.records import ProbeRecord, ShardPlan
+from flows.records import ProbeRecord, ShardBatch, ShardPlan
+
+MAX_TASK_RUNS = 1000
+"""Most task runs one flow run plans, whatever the catalogue size (Prefect degrades past a few
+thousand task runs per flow run, and each ``DaskTaskRunner`` submit costs 170-290 ms in the
+flow process): past it, a task processes a batch of shards, one after another, and a retry
+redoes only the shards its failed attempt did not finish."""
 
 TRACK_OVERHEAD_S = 1.0
 """Audio seconds a track's fixed cost (open, header, write) counts for when sizing shards."""
@@ -100,6 +107,22 @@ def plan_shards(records: list[ProbeRecord], feature_set: str, *, shard_minutes: 
             shard_id = "s-" + short_hash(feature_set, *sorted(r.track_id for r in members))
             shards.append(ShardPlan(shard_id, feature_set, tuple(members)))
     return sorted(shards, key=lambda s: -s.audio_s)
+
+
+def batch_shards(shards: list[ShardPlan], max_tasks: int = MAX_TASK_RUNS) -> list[ShardBatch]:
+    """Group shards into at most ``max_tasks`` task batches of about equal audio, largest
+    first; with no more shards than ``max_tasks`` every batch is one shard.
+    """
+    if len(shards) <= max_tasks:
+        return [ShardBatch(s.shard_id, (s,)) for s in shards]
+    groups: list[list[ShardPlan]] = [[] for _ in range(max_tasks)]
+    lightest = [(0.0, k) for k in range(max_tasks)]  # a heap of (load, batch)
+    for s in sorted(shards, key=lambda s: -s.audio_s):  # longest first onto the lightest
+        load, k = heapq.heappop(lightest)
+        groups[k].append(s)
+        heapq.heappush(lightest, (load + s.audio_s + TRACK_OVERHEAD_S * len(s.tracks), k))
+    out = [ShardBatch("b-" + short_hash(*(s.shard_id for s in g)), tuple(g)) for g in groups]
+    return sorted(out, key=lambda b: -sum(s.audio_s for s in b.shards))
 
 
 def dedupe(records: Iterable[ProbeRecord], committed: set[str]) -> tuple[list[ProbeRecord], int]:

@@ -8,7 +8,8 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
-from featurestore.store import ShardCounts
+from featurestore.scores import WrittenPart
+from featurestore.store import ShardCounts, WrittenShard
 
 T = TypeVar("T")
 
@@ -57,15 +58,30 @@ class ShardPlan:
 
 @dataclass(frozen=True)
 class ShardResult:
-    """What a shard task reports back: where it staged its files and what it cost."""
+    """What a shard task reports back: the files it wrote (to commit) and what it cost."""
 
     shard_id: str
-    staged_dir: str
-    counts: ShardCounts
+    written: WrittenShard
     compute_s: float
     peak_rss_mb: float
     worker: str
     errors: list[tuple[str, str, str]] = field(default_factory=list)  # (path, stage, error)
+    unsupported: int = 0  # of the failed tracks, how many are unsupported file types
+
+    @property
+    def counts(self) -> ShardCounts:
+        """The shard's counts (as written)."""
+        return self.written.counts
+
+
+@dataclass(frozen=True)
+class ShardBatch:
+    """The shards one task run processes: one, unless a run plans more shards than it may
+    have task runs (:data:`flows.plan.MAX_TASK_RUNS`).
+    """
+
+    batch_id: str
+    shards: tuple[ShardPlan, ...]
 
 
 @dataclass(frozen=True)
@@ -74,22 +90,29 @@ class ScorePlan:
 
     part_id: str
     shards: tuple[str, ...]
+    tensor_files: tuple[str | None, ...]  # per shard, as its tracks rows name it
     n_tracks: int
     n_segments: int
 
 
 @dataclass(frozen=True)
 class ScorePartResult:
-    """What a scoring task reports back."""
+    """What a scoring task reports back: the part's files (to commit) and what it cost."""
 
-    part_id: str
-    staged_dir: str
-    shards: list[str]
-    n_tracks: int
-    n_segments: int
+    written: WrittenPart
     compute_s: float
     label_counts: dict[str, int]
     n_unconfident: int
     device: str
     peak_rss_mb: float
     worker: str
+
+    @property
+    def n_tracks(self) -> int:
+        """Tracks scored."""
+        return self.written.n_tracks
+
+    @property
+    def n_segments(self) -> int:
+        """Segments scored."""
+        return self.written.n_segments

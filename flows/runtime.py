@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import TYPE_CHECKING, Any
 
@@ -81,8 +82,9 @@ def dask_runner(dask_address: str | None = None, *, n_workers: int | None = None
 
 
 def commit_as_completed(futures: Iterable[PrefectFuture[Any]], commit: Callable[[Any], float],
-                        *, what: str, total: float, unit: str, progress: bool = True) -> int:
-    """Commit each task's result as soon as it completes; return how many tasks failed.
+                        *, what: str, total: float, unit: str, progress: bool = True,
+                        fail_weight: Callable[[int], int] | None = None) -> int:
+    """Commit each task's result as soon as it completes; return how many failed.
 
     Parameters
     ----------
@@ -91,22 +93,55 @@ def commit_as_completed(futures: Iterable[PrefectFuture[Any]], commit: Callable[
     commit : callable
         Called in the flow process with each successful result; returns the progress it
         stands for (in ``unit``). It runs as results arrive, so a crash later loses nothing
-        already committed.
+        already handed over.
     what : str
         Names the work in the progress bar and in failure messages.
     total : float
         Progress total, in ``unit``.
     progress : bool
         Show the progress bar.
+    fail_weight : callable, optional
+        How many units of work (e.g. shards) the failed task at this position held
+        (default 1 each).
     """
     logger = get_run_logger()
+    futures = list(futures)
+    position = {id(f): i for i, f in enumerate(futures)}
     failed = 0
     with Progress(what, total=total, unit=unit, enabled=progress) as bar:
-        for future in as_completed(list(futures)):
+        for future in as_completed(futures):
             future.wait()
             if not future.state.is_completed():
-                failed += 1
+                failed += fail_weight(position[id(future)]) if fail_weight else 1
                 logger.error("%s task failed after retries: %s", what, future.state.message)
                 continue
             bar.advance(commit(future.result()))
     return failed
+
+
+class CommitBuffer:
+    """Groups results into fewer, larger commits: ``flush`` hands what it holds to ``commit``
+    once it holds ``size`` results or its oldest waited ``seconds`` (and at the end), so a
+    catalogue of thousands of shards makes tens of table versions per run, not thousands, and
+    a crash loses at most ``seconds`` of finished work.
+    """
+
+    def __init__(self, commit: Callable[[list[Any]], None], *, size: int = 16,
+                 seconds: float = 30.0) -> None:
+        self.commit, self.size, self.seconds = commit, size, seconds
+        self._held: list[Any] = []
+        self._since = 0.0
+
+    def add(self, results: Iterable[Any]) -> None:
+        """Hold ``results``; commit if the buffer is full or old enough."""
+        if not self._held:
+            self._since = time.monotonic()
+        self._held.extend(results)
+        if len(self._held) >= self.size or time.monotonic() - self._since >= self.seconds:
+            self.flush()
+
+    def flush(self) -> None:
+        """Commit whatever is held."""
+        if self._held:
+            held, self._held = self._held, []
+            self.commit(held)

@@ -14,8 +14,11 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from prefect import flow, get_run_logger
+from prefect import flow, get_run_logger, task
+from prefect.cache_policies import NO_CACHE
 
+from featurestore.maintenance import compact
+from featurestore.store import FeatureStore
 from flows.ingest import IngestSummary, ingest_flow
 from flows.neighbours import NeighboursSummary, neighbours_flow
 from flows.records import from_fields
@@ -55,19 +58,32 @@ class ScheduledScoreSummary:
 @flow(name="scheduled-ingest", validate_parameters=False)
 def scheduled_ingest(source: str | None = None, store: str | None = None,
                      dask_address: str | None = None, workers: int | None = None,
-                     shard_minutes: float | None = None, score_after: bool = True
-                     ) -> IngestSummary:
-    """Ingest the catalogue (new and changed files only), then queue the scoring deployment."""
+                     shard_minutes: float | None = None, score_after: bool = True,
+                     compact_after: bool = True) -> IngestSummary:
+    """Ingest the catalogue (new and changed files only), compact the store's tables (so a
+    year of nightly runs reads like one big run), then queue the scoring deployment.
+    """
     settings = load()
     logger = get_run_logger()
+    store = store or settings.require("store")
     with _runner(dask_address, workers) as (cluster, runner):
         summary: IngestSummary = ingest_flow.with_options(task_runner=runner)(
-            source=source or settings.require("source"), store=store or settings.require("store"),
+            source=source or settings.require("source"), store=store,
             shard_minutes=shard_minutes or settings.shard_minutes, workers=cluster.threads,
             progress=False)
+    if compact_after:
+        compact_task(store)
     if score_after and summary.ok + summary.failed:
         _queue_scoring(logger)
     return summary
+
+
+@task(name="compact-store", cache_policy=NO_CACHE)
+def compact_task(store: str) -> dict[str, Any]:
+    """Compact, checkpoint and vacuum the store (:func:`featurestore.maintenance.compact`)."""
+    report = compact(FeatureStore(store))
+    get_run_logger().info("%s", report.render())
+    return report.to_dict()
 
 
 def _queue_scoring(logger: Any) -> None:

@@ -21,14 +21,15 @@ from prefect import flow, get_run_logger, task, unmapped
 from prefect.cache_policies import NO_CACHE
 from prefect.context import FlowRunContext
 
-from featurestore.scores import ScoredModel, ScoreManifest, ScoreStore, part_id_of
+from featurestore.scores import ScoredModel, ScoreStore, part_id_of
 from featurestore.store import FeatureStore, ShardManifest, mlflow_db_path
 from flows.cluster import Echo
 from flows.ingest import IngestSummary, ingest_flow
 from flows.ingest_worker import warm_worker
+from flows.plan import MAX_TASK_RUNS
 from flows.records import ScorePartResult, ScorePlan, from_fields
 from flows.report import publish, run_id
-from flows.runtime import Warmup, commit_as_completed, run_on_cluster
+from flows.runtime import CommitBuffer, Warmup, commit_as_completed, run_on_cluster
 from flows.score_worker import load_predictor, score_part, warm_scorer
 from tasks.config import FeatureConfig
 from tasks.errors import StoreError
@@ -50,6 +51,7 @@ class ScoreSummary:
     segments: int = 0
     parts: int = 0
     parts_failed: int = 0
+    scored_elsewhere: int = 0
     unconfident: int = 0
     wall_s: float = 0.0
     compute_s: float = 0.0
@@ -125,6 +127,7 @@ def plan_parts(manifests: list[ShardManifest], done: set[str], model: ScoredMode
     if not todo:
         return []
     total = sum(m.counts.n_segments for m in todo)
+    max_segments = max(max_segments, math.ceil(total / MAX_TASK_RUNS))  # the task-run cap
     n = min(len(todo), max(2 * workers, math.ceil(total / max_segments)))
     target = max(1.0, total / n)
     groups: list[list[ShardManifest]] = [[]]
@@ -136,7 +139,8 @@ def plan_parts(manifests: list[ShardManifest], done: set[str], model: ScoredMode
         groups[-1].append(m)
         size += m.counts.n_segments
     plans = [ScorePlan(part_id_of(model, [m.shard_id for m in g]),
-                       tuple(m.shard_id for m in g), sum(m.counts.n_ok for m in g),
+                       tuple(m.shard_id for m in g), tuple(m.tensor_file for m in g),
+                       sum(m.counts.n_ok for m in g),
                        sum(m.counts.n_segments for m in g)) for g in groups if g]
     return sorted(plans, key=lambda p: -p.n_segments)
 
@@ -178,7 +182,7 @@ def scored_model(model_uri: str, tracking_uri: str) -> tuple[ScoredModel, dict[s
 
 def check_feature_set(fstore: FeatureStore, model: ScoredModel, config: dict[str, Any]) -> None:
     """Refuse a model whose feature set the store does not hold (with what differs)."""
-    held = [r for r in fstore.feature_sets() if fstore.manifests(r["feature_set"])]
+    held = [r for r in fstore.feature_sets() if fstore.has_tracks(r["feature_set"])]
     if any(r["feature_set"] == model.feature_set for r in held):
         return
     lines = [f"model {model.name} v{model.version} was trained on feature set "
@@ -217,18 +221,17 @@ def score_flow(store: str, model_uri: str, source: str | None = None, top_k: int
     summary = ScoreSummary(model.name, model.version, model.feature_set, workers=workers,
                            ingest=ingest)
     scores = ScoreStore(fstore)
-    with fstore.lock():
-        removed = scores.recover()
-        if removed:
-            logger.info("recovered: removed %d uncommitted score parts", removed)
-        scores.register_model(model)
-        manifests = fstore.manifests(model.feature_set)
-        done = scores.scored_shards(model.name, model.version)
-        summary.tracks_in_store = sum(m.counts.n_ok for m in manifests)
-        summary.already_scored = sum(m.counts.n_ok for m in manifests if m.shard_id in done)
-        plans = plan_parts(manifests, done, model, workers=workers)
-        if plans:
-            _score(fstore, scores, uri, model, plans, summary, top_k, device, progress)
+    rolled = fstore.recover()
+    if rolled:
+        logger.info("recovered: %d half-committed shards rolled back", rolled)
+    scores.register_model(model)
+    manifests = fstore.manifests(model.feature_set)
+    done = scores.scored_shards(model.name, model.version)
+    summary.tracks_in_store = sum(m.counts.n_ok for m in manifests)
+    summary.already_scored = sum(m.counts.n_ok for m in manifests if m.shard_id in done)
+    plans = plan_parts(manifests, done, model, workers=workers)
+    if plans:
+        _score(fstore, scores, uri, model, plans, summary, top_k, device, progress)
     summary.wall_s = time.perf_counter() - started
     logger.info(summary.render())
     publish("score-summary", f"score with {model.name} v{model.version}", {
@@ -248,18 +251,24 @@ def _score(fstore: FeatureStore, scores: ScoreStore, tracking_uri: str, model: S
     futures = score_task.map(fstore.url, tracking_uri, unmapped(model.to_dict()), plans, top_k,
                              device)
 
+    def commit_group(results: list[ScorePartResult]) -> None:
+        kept = set(scores.commit_parts(model, [r.written for r in results], run=run_id()))
+        for result in results:
+            if result.written.part_id in kept:
+                summary.add(result)
+            else:
+                summary.scored_elsewhere += result.n_tracks
+
+    buffer = CommitBuffer(commit_group)
+
     def commit(result: ScorePartResult) -> float:
-        scores.commit(result.staged_dir, ScoreManifest(
-            part_id=result.part_id, shards=result.shards, n_tracks=result.n_tracks,
-            n_segments=result.n_segments, model_name=model.name,
-            model_version=model.version, feature_set=model.feature_set,
-            extra={"compute_s": result.compute_s, "device": result.device}))
-        summary.add(result)
+        buffer.add([result])
         return result.n_tracks
 
     summary.parts_failed += commit_as_completed(
         futures, commit, what="score", total=sum(p.n_tracks for p in plans), unit="tracks",
         progress=progress)
+    buffer.flush()
 
 
 def run_score(store: str, model_uri: str, *, source: str | None = None, top_k: int = 5,

@@ -48,47 +48,45 @@ def warm_scorer(tracking_uri: str, model_uri: str, device: str | None = None) ->
 
 def score_part(store_url: str, tracking_uri: str, model_json: dict[str, Any], plan: ScorePlan,
                *, top: int = 5, device: str | None = None) -> ScorePartResult:
-    """Score every segment of the feature shards in ``plan`` into a staged part.
+    """Score every segment of the feature shards in ``plan`` into an uncommitted part.
 
     Returns
     -------
     ScorePartResult
-        Counts, the staging folder to commit, label counts and what it cost.
+        The part's files (to commit), label counts and what it cost.
     """
     started = time.perf_counter()
     model = ScoredModel.from_dict(model_json)
     predictor = load_predictor(tracking_uri, model.uri, device)
     store = FeatureStore(store_url)
-    scores = ScoreStore(store)
-    staged = scores.staging_dir(model, plan.part_id)
     labels: collections.Counter[str] = collections.Counter()
     unsure = 0
     batch = GPU_BATCH if predictor.device.type == "cuda" else CPU_BATCH
-    with ScorePartWriter(store, staged, model) as writer:
-        for shard in plan.shards:
-            track_rows, segment_rows = _score_shard(store, model, predictor, shard, top, batch)
-            writer.add(track_rows, segment_rows)
+    with ScorePartWriter(ScoreStore(store), model, plan.part_id) as writer:
+        for shard, tensor_file in zip(plan.shards, plan.tensor_files, strict=True):
+            track_rows, segment_rows = _score_shard(store, model, predictor, shard,
+                                                    tensor_file, top, batch)
+            writer.add(track_rows, segment_rows, shard=shard)
             labels.update(track_rows["label"])
             unsure += int(np.sum(~track_rows["confident"]))
     return ScorePartResult(
-        part_id=plan.part_id, staged_dir=staged, shards=list(plan.shards),
-        n_tracks=writer.n_tracks, n_segments=writer.n_segments,
-        compute_s=time.perf_counter() - started, label_counts=dict(labels),
-        n_unconfident=unsure, device=str(predictor.device),
+        written=writer.written, compute_s=time.perf_counter() - started,
+        label_counts=dict(labels), n_unconfident=unsure, device=str(predictor.device),
         peak_rss_mb=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0,
         worker=f"{socket.gethostname()}:{os.getpid()}",
     )
 
 
-def _score_shard(store: FeatureStore, model: ScoredModel, predictor: Any, shard: str, top: int,
-                 batch: int) -> tuple[dict[str, Any], dict[str, Any]]:
+def _score_shard(store: FeatureStore, model: ScoredModel, predictor: Any, shard: str,
+                 tensor_file: str | None, top: int, batch: int
+                 ) -> tuple[dict[str, Any], dict[str, Any]]:
     """Track rows and segment rows of one feature shard."""
     fs = model.feature_set
     tracks = read_shard_table(store, fs, shard, "tracks", ["track_id", "path"]).to_pydict()
     path_of = dict(zip(tracks["track_id"], tracks["path"], strict=True))
     summary_cols = list(predictor.meta["columns"]) if predictor.input == "summary" else []
     seg = read_shard_table(store, fs, shard, "segments",
-                           ["track_id", "segment", "start_s", *summary_cols])
+                           ["track_id", "segment", "start_s", "tensor_row", *summary_cols])
     seg_ids = seg["track_id"].to_numpy(zero_copy_only=False)
     seg_no = seg["segment"].to_numpy()
     if predictor.input == "summary":
@@ -97,7 +95,9 @@ def _score_shard(store: FeatureStore, model: ScoredModel, predictor: Any, shard:
         ids, numbers = seg_ids, seg_no
     else:
         parts = [(t, s, *predictor.predict(m, embeddings=True, batch_size=batch))
-                 for t, s, m in shard_matrices(store, fs, shard, predictor.input)]
+                 for t, s, m in (shard_matrices(store, fs, tensor_file, predictor.input,
+                                                rows=seg["tensor_row"].to_numpy())
+                                 if tensor_file else ())]
         ids = np.concatenate([p[0] for p in parts]) if parts else np.array([], object)
         numbers = np.concatenate([p[1] for p in parts]) if parts else np.array([], np.int32)
         n_c = len(model.classes)

@@ -122,9 +122,9 @@ def auto_params(model: str, *, accelerated: bool) -> dict[str, Any] | None:
 
 @task(name="prepare-labels", cache_policy=NO_CACHE)
 def prepare_task(store: str, labels: str, group_column: str | None, valid_size: float,
-                 test_size: float, seed: int) -> Prepared:
+                 test_size: float, seed: int, as_of: str | None = None) -> Prepared:
     return prepare(store, labels, group_column=group_column, valid_size=valid_size,
-                   test_size=test_size, seed=seed)
+                   test_size=test_size, seed=seed, as_of=as_of)
 
 
 @task(name="fit-model", cache_policy=NO_CACHE, task_run_name="fit-{model}")
@@ -137,6 +137,7 @@ def fit_task(prep: Prepared, model: str, workdir: str, train_config: TrainConfig
 def promote_task(prep: Prepared, best: dict[str, Any], name: str) -> dict[str, Any]:
     """Register ``best``, set ``candidate``, and move ``champion`` if it wins."""
     decision = register_and_promote(prep, best, name)
+    prep.store.pin(prep.feature_set, prep.versions, f"model {name} v{decision['version']}")
     get_run_logger().info("promotion: %s", decision)
     return decision
 
@@ -145,15 +146,21 @@ def promote_task(prep: Prepared, best: dict[str, Any], name: str) -> dict[str, A
 def train_flow(store: str, labels: str, model: str = "auto", registered_name: str | None = None,
                group_column: str | None = None, valid_size: float = 0.15,
                test_size: float = 0.15, train_config: dict[str, Any] | None = None,
-               model_params: dict[str, Any] | None = None, workdir: str | None = None
-               ) -> TrainSummary:
-    """Train, evaluate, register and promote; return a :class:`TrainSummary`."""
+               model_params: dict[str, Any] | None = None, workdir: str | None = None,
+               as_of: str | None = None) -> TrainSummary:
+    """Train, evaluate, register and promote; return a :class:`TrainSummary`.
+
+    ``as_of`` rebuilds a past training set: a ``tracks`` table version or an ISO timestamp
+    (the versions read are logged with every run either way).
+    """
     from featurestore.store import FeatureStore
 
     logger = get_run_logger()
     name = registered_name or DEFAULT_NAME
     tc = TrainConfig(**(train_config or {}))
-    prep = prepare_task(store, labels, group_column, valid_size, test_size, tc.seed)
+    prep = prepare_task(store, labels, group_column, valid_size, test_size, tc.seed, as_of)
+    logger.info("training set: feature set %s at table versions %s", prep.feature_set,
+                prep.versions)
     logger.info("%s", prep.labels.report())
     logger.info("%s", split_line(prep.split_counts()))
     tracking.configure(FeatureStore(store))

@@ -39,7 +39,7 @@ def fit_and_log(prep: Prepared, model: str, workdir: str, train_config: TrainCon
             "model": model, "feature_set": prep.feature_set, "label_set": prep.labels.digest,
             "classes": prep.labels.classes, "multi_label": prep.labels.multi_label,
             "split": prep.split_counts(), "seed": train_config.seed,
-            "code_version": CODE_VERSION,
+            "code_version": CODE_VERSION, "table_versions": prep.versions,
         })
         out = fit_candidate(prep, model, workdir, train_config=train_config,
                             model_params=model_params,
@@ -68,7 +68,8 @@ def register_and_promote(prep: Prepared, best: dict[str, Any], name: str) -> dic
     """
     version = tracking.register(best["model_uri"], name, {
         "feature_set": prep.feature_set, "label_set": prep.labels.digest,
-        "model": best["model"]})
+        "model": best["model"], "tracks_version": str(prep.versions.get("tracks")),
+        "segments_version": str(prep.versions.get("segments"))})
     cand_f1 = float(best["test"].get("macro_f1", float("nan")))
     decision: dict[str, Any] = {"version": version, "candidate_test_macro_f1": cand_f1}
     decision |= _versus_champion(prep, name, cand_f1)

@@ -13,7 +13,7 @@ import pandas as pd
 import torch
 from torch.utils.data import Dataset
 
-from featurestore.reader import TensorReader, read_table
+from featurestore.reader import TensorReader
 from featurestore.store import FeatureStore
 from tasks.track import summary_columns
 from training.labels import LabelSet
@@ -90,8 +90,9 @@ def row_statistics(reader: TensorReader, part: SplitRows, feature: str, *,
             torch.tensor(stack.std(axis=(0, 2)), dtype=torch.float32))
 
 
-def summary_frame(store: FeatureStore, feature_set: str) -> tuple[pd.DataFrame, list[str]]:
-    """The ``segments`` table (summary statistics) and its feature column names."""
-    table = read_table(store, feature_set, "segments").to_pandas()
+def summary_frame(store: FeatureStore, feature_set: str, *, version: int | None = None
+                  ) -> tuple[pd.DataFrame, list[str]]:
+    """The ``segments`` table (summary statistics, at ``version``) and its feature columns."""
+    table = store.read(feature_set, "segments", version=version).to_pandas()
     columns = summary_columns(store.config(feature_set))
     return table, columns

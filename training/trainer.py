@@ -51,6 +51,7 @@ class Prepared:
     feature_set: str
     labels: LabelSet
     splits: pd.Series
+    versions: dict[str, int] = field(default_factory=dict)  # table versions read (lineage)
     _reader: TensorReader | None = None
     _summary: tuple[pd.DataFrame, list[str]] | None = None
 
@@ -58,14 +59,16 @@ class Prepared:
     def reader(self) -> TensorReader:
         """Memory-mapped tensors of the feature set (opened once)."""
         if self._reader is None:
-            self._reader = TensorReader(self.store, self.feature_set)
+            self._reader = TensorReader(self.store, self.feature_set,
+                                        version=self.versions.get("segments"))
         return self._reader
 
     @property
     def summary(self) -> tuple[pd.DataFrame, list[str]]:
         """Segment summary table and its feature columns (read once)."""
         if self._summary is None:
-            self._summary = summary_frame(self.store, self.feature_set)
+            self._summary = summary_frame(self.store, self.feature_set,
+                                          version=self.versions.get("segments"))
         return self._summary
 
     def parts(self, kind: str) -> dict[str, SplitRows]:
@@ -99,13 +102,20 @@ class FitOutput:
 
 def prepare(store_url: str, labels_path: str, *, feature_set: str | None = None,
             group_column: str | None = None, valid_size: float = 0.15,
-            test_size: float = 0.15, seed: int = 0) -> Prepared:
-    """Match a labels file to a store's tracks and split them by track."""
+            test_size: float = 0.15, seed: int = 0,
+            as_of: str | int | dict[str, int] | None = None) -> Prepared:
+    """Match a labels file to a store's tracks and split them by track.
+
+    The tables are read at fixed versions (the current ones, or those ``as_of`` names: see
+    :meth:`featurestore.store.FeatureStore.versions_as_of`), recorded in
+    :attr:`Prepared.versions`, so the same training set can be rebuilt later.
+    """
     from training.split import split_tracks
 
     store = FeatureStore(store_url)
     fs = feature_set or store.default_feature_set()
-    con = connect(store, fs)
+    versions = store.versions_as_of(fs, as_of)
+    con = connect(store, fs, as_of=versions)
     try:
         tracks = run_query(con, "SELECT track_id, path, status FROM tracks").to_pandas()
         sources = run_query(con, "SELECT uri, track_id FROM sources").to_pandas()
@@ -114,7 +124,7 @@ def prepare(store_url: str, labels_path: str, *, feature_set: str | None = None,
     labels = match_labels(read_labels(labels_path, group_column=group_column), tracks, sources)
     splits = split_tracks(labels.frame, valid_size=valid_size, test_size=test_size, seed=seed)
     labels.frame["split"] = splits.to_numpy()
-    return Prepared(store, fs, labels, splits)
+    return Prepared(store, fs, labels, splits, versions)
 
 
 def fit_candidate(prep: Prepared, model: str, workdir: str, *,
@@ -143,6 +153,7 @@ def _base_meta(prep: Prepared, model: str) -> dict[str, Any]:
         "feature_set": prep.feature_set, "feature_config": prep.store.config(
             prep.feature_set).to_dict(),
         "label_set": labels.digest, "code_version": CODE_VERSION,
+        "table_versions": dict(prep.versions),
     }
 
 

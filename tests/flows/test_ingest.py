@@ -110,9 +110,9 @@ def test_worker_killed_mid_run_is_retried(tmp_path, dask_address):
     thread = threading.Thread(target=lambda: result.update(
         s=ingest(cat, store, dask_address, shard_minutes=0.5)))
     thread.start()
-    staging = store / "_staging"
+    tensors = store / "features"
     deadline = time.time() + 120
-    while time.time() < deadline and not any(staging.rglob("tensors.arrow")):
+    while time.time() < deadline and not any(tensors.glob("*/tensors/*.arrow")):
         time.sleep(0.05)
     with Client(dask_address) as client:
         pids = client.run(os.getpid)

@@ -110,17 +110,15 @@ def test_rescoring_is_a_no_op_and_crash_leftovers_are_removed(scored, dask_addre
 
     store, _, _ = scored
     scores = ScoreStore(FeatureStore(store))
-    before = sorted(m.part_id for m in scores.manifests(NAME, "1"))
-    orphan = f"{scores.model_root(NAME, '1')}/parts/p-crashed"
-    os.makedirs(orphan)
-    with open(f"{orphan}/scores.parquet", "wb") as fh:
+    before = sorted(scores.files(NAME, "1", "scores"))
+    orphan = f"{scores.table_path(NAME, '1', 'scores')}/p-crashed-0.parquet"
+    with open(orphan, "wb") as fh:  # a killed task's half-written, never committed file
         fh.write(b"half a file")
     again = run_score(store, f"models:/{NAME}@champion", dask_address=dask_address,
                       progress=False)
     assert again.tracks == 0 and again.already_scored == 48
     assert "Nothing to do" in again.render()
-    assert not os.path.exists(orphan)
-    assert sorted(m.part_id for m in scores.manifests(NAME, "1")) == before
+    assert sorted(scores.files(NAME, "1", "scores")) == before  # never read, never committed
     assert _query(store, "SELECT count(*) AS n FROM scores")["n"][0] == 48
 
 
