@@ -8,6 +8,7 @@ cannot be written) escape, so Prefect retries the shard.
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 import functools
 import os
@@ -99,7 +100,8 @@ def run_batch(store_url: str, config_json: str, batch: ShardBatch) -> list[Shard
                 pickle.dump(result, fh)
         results.append(result)
     if len(batch.shards) > 1:
-        store.fs.rm(scratch, recursive=True)
+        with contextlib.suppress(FileNotFoundError):
+            store.fs.rm(scratch, recursive=True)
     return results
 
 
@@ -126,8 +128,9 @@ def run_shard(store_url: str, config_json: str, plan: ShardPlan) -> ShardResult:
                 failure = _process_track(record, config, extractor, writer)
                 if failure:
                     errors.append((record.uri, *failure))
-    finally:
-        store.fs.rm(staged, recursive=True)
+    finally:  # an object store has no empty folders: nothing may be there to remove
+        with contextlib.suppress(FileNotFoundError):
+            store.fs.rm(staged, recursive=True)
     return ShardResult(
         shard_id=plan.shard_id, written=writer.written,
         unsupported=sum(t.status == "unsupported" for t in plan.tracks),

@@ -99,3 +99,39 @@ def write_labels(path: str | os.PathLike[str], rows: Iterable[Mapping[str, objec
         w.writeheader()
         w.writerows(rows)
     return str(path)
+
+
+def write_shard(store, shard_id, tracks, *, spill_bytes=64 << 20, fail=(), staging=False,
+                config=None):
+    """Write a shard of (track_id, seconds) tracks into place, uncommitted; return
+    (WrittenShard, scratch folder).
+
+    ``staging``: use a scratch folder of the store's ``_staging/`` and keep it (as a worker
+    that died would); otherwise a private one, removed afterwards, so ``recover()`` counts
+    only what the test is about.
+    """
+    import shutil
+    import tempfile
+
+    from featurestore.writer import ShardWriter
+    from tasks.config import FeatureConfig
+    from tasks.features import SpectralExtractor
+    from tasks.track import extract_track
+
+    C = config or FeatureConfig()
+    ex = SpectralExtractor(C)
+    scratch = store.staging_dir(C.feature_set_id, shard_id) if staging else tempfile.mkdtemp()
+    with ShardWriter(store, scratch, C, shard_id, spill_bytes=spill_bytes) as w:
+        for i, (tid, seconds) in enumerate(tracks):
+            row = {"track_id": tid, "path": f"/music/{tid}.wav", "status": "ok",
+                   "content_hash": tid * 2, "format": "wav"}
+            w.begin_track(tid)
+            result = extract_track([music_like(seconds, 22050, seed=i)[None]], 22050, C, ex,
+                                   w.add_batch)
+            if tid in fail:
+                w.fail_track(row | {"status": "failed", "stage": "features", "error": "boom"})
+            else:
+                w.end_track(row | {"duration_s": result.duration_s}, result)
+    if not staging:
+        shutil.rmtree(scratch)
+    return w.written, scratch

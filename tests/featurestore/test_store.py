@@ -6,8 +6,6 @@ from __future__ import annotations
 import datetime as dt
 import json
 import os
-import shutil
-import tempfile
 import threading
 import time
 
@@ -16,7 +14,7 @@ import pyarrow as pa
 import pyarrow.ipc as ipc
 import pyarrow.parquet as pq
 import pytest
-from factories import music_like
+from factories import write_shard
 
 from featurestore import tables
 from featurestore.lease import CommitLease
@@ -24,40 +22,11 @@ from featurestore.query import connect, format_result, run_query, write_result
 from featurestore.reader import TensorReader, read_table
 from featurestore.schema import TRACKS_SCHEMA, check_schema, read_metadata, segments_schema
 from featurestore.store import STORE_FORMAT, FeatureStore, ShardCounts
-from featurestore.writer import ShardWriter
 from tasks.config import FeatureConfig
 from tasks.errors import ParameterError, SchemaError, StoreError
-from tasks.features import SpectralExtractor
-from tasks.track import extract_track
 
 C = FeatureConfig()
 FS = C.feature_set_id
-
-
-def write_shard(store, shard_id, tracks, *, spill_bytes=64 << 20, fail=(), staging=False):
-    """Write a shard of (track_id, seconds) tracks into place, uncommitted; return
-    (WrittenShard, scratch folder).
-
-    ``staging``: use a scratch folder of the store's ``_staging/`` and keep it (as a worker
-    that died would); otherwise a private one, removed afterwards, so ``recover()`` counts
-    only what the test is about.
-    """
-    ex = SpectralExtractor(C)
-    scratch = store.staging_dir(FS, shard_id) if staging else tempfile.mkdtemp()
-    with ShardWriter(store, scratch, C, shard_id, spill_bytes=spill_bytes) as w:
-        for i, (tid, seconds) in enumerate(tracks):
-            row = {"track_id": tid, "path": f"/music/{tid}.wav", "status": "ok",
-                   "content_hash": tid * 2, "format": "wav"}
-            w.begin_track(tid)
-            result = extract_track([music_like(seconds, 22050, seed=i)[None]], 22050, C, ex,
-                                   w.add_batch)
-            if tid in fail:
-                w.fail_track(row | {"status": "failed", "stage": "features", "error": "boom"})
-            else:
-                w.end_track(row | {"duration_s": result.duration_s}, result)
-    if not staging:
-        shutil.rmtree(scratch)
-    return w.written, scratch
 
 
 def sql(store, query, **kw):

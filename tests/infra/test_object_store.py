@@ -102,8 +102,10 @@ def test_pipeline_on_s3(s3, tmp_path, monkeypatch):
 
     keys = [o["Key"] for page in client.get_paginator("list_objects_v2").paginate(
         Bucket="mtag") for o in page.get("Contents", [])]
-    assert any(k.startswith("store/features/") and k.endswith("tensors.arrow") for k in keys)
-    assert any(k.startswith("store/scores/s3-tagger/v1/parts/") for k in keys)
+    assert any(k.startswith("store/features/") and "/tensors/" in k and k.endswith(".arrow")
+               for k in keys)
+    assert any(k.startswith("store/features/") and "/tracks/_delta_log/" in k for k in keys)
+    assert any(k.startswith("store/scores/s3-tagger/v1/scores/_delta_log/") for k in keys)
     assert any(k.startswith("store/mlflow/artifacts/s3-tagger/") for k in keys)  # MLflow
     assert not any(k.startswith("store/_staging/") for k in keys)
     assert not os.path.exists("store") and not os.path.exists("mlruns")
@@ -113,3 +115,51 @@ def test_pipeline_on_s3(s3, tmp_path, monkeypatch):
         assert SECRET.encode() not in body, key
     with open(tmp_path / "mlflow.db", "rb") as fh:
         assert SECRET.encode() not in fh.read()
+
+
+def test_two_writers_on_one_s3_store_keep_every_track_once(s3, tmp_path, dask_address):
+    """Two hosts' ingests of one catalogue into one s3:// store at once (two processes with
+    their own Dask clusters, conditional writes for the lease and the Delta log)."""
+    import boto3
+
+    env = dict(os.environ) | {"AWS_ENDPOINT_URL": s3, "AWS_ACCESS_KEY_ID": "key",
+                              "AWS_SECRET_ACCESS_KEY": SECRET, "AWS_DEFAULT_REGION": "us-east-1"}
+    client = boto3.client("s3", endpoint_url=s3, aws_access_key_id="key",
+                          aws_secret_access_key=SECRET, region_name="us-east-1")
+    client.create_bucket(Bucket="race")
+    for i in range(8):
+        local = write(str(tmp_path / f"t{i}.wav"), render_track(
+            "piano", "ballad", seconds=4.0, sample_rate=22050, seed=700 + i), 22050)
+        client.upload_file(local, "race", f"music/t{i}.wav")
+    cmd = [sys.executable, "-m", "flows.cli", "ingest", "s3://race/music/", "--store",
+           "s3://race/store", "--workers", "1", "--shard-minutes", "0.05", "--no-progress"]
+    procs = [subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                              text=True) for _ in range(2)]
+    outs = [p.communicate(timeout=600) for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], [o[1][-2000:] for o in outs]
+
+    from featurestore.query import connect, run_query
+    from featurestore.store import FeatureStore
+
+    old = {k: os.environ.get(k) for k in ("AWS_ENDPOINT_URL", "AWS_ACCESS_KEY_ID",
+                                          "AWS_SECRET_ACCESS_KEY", "AWS_DEFAULT_REGION")}
+    os.environ.update({k: env[k] for k in old})
+    try:
+        import s3fs
+
+        s3fs.S3FileSystem.clear_instance_cache()
+        con = connect(FeatureStore("s3://race/store"))
+        counts = run_query(con, "SELECT (SELECT count(*) FROM tracks) AS t, (SELECT "
+                                "count(DISTINCT track_id) FROM tracks) AS ids, (SELECT "
+                                "count(*) FROM segments) AS s, (SELECT count(*) FROM (SELECT "
+                                "DISTINCT track_id, segment FROM segments)) AS keys"
+                           ).to_pylist()[0]
+        con.close()
+    finally:
+        for k, v in old.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+    assert counts["t"] == counts["ids"] == 8
+    assert counts["s"] == counts["keys"] >= 8
