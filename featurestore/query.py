@@ -31,8 +31,13 @@ from tasks.errors import ParameterError, StoreError
 OUTPUT_FORMATS = ("table", "csv", "json")
 
 
+READ_STATEMENTS = frozenset({"SELECT", "EXPLAIN"})
+"""Statement types ``mtag query`` runs unless writes are allowed."""
+
+
 def connect(store: FeatureStore, feature_set: str | None = None, model: str | None = None,
-            *, as_of: dict[str, int] | str | None = None) -> duckdb.DuckDBPyConnection:
+            *, as_of: dict[str, int] | str | None = None, read_only: bool = True
+            ) -> duckdb.DuckDBPyConnection:
     """Open an in-memory DuckDB connection with the store's views.
 
     Parameters
@@ -47,6 +52,11 @@ def connect(store: FeatureStore, feature_set: str | None = None, model: str | No
     as_of : dict or str, optional
         Read ``tracks`` and ``segments`` as they were: table versions (``{"tracks": 12,
         "segments": 12}``, as training records them) or an ISO timestamp.
+    read_only : bool
+        Confine the connection to the store: no file outside it can be read or written, no
+        extension installed or loaded, no database attached, and the settings are locked
+        (a query cannot lift them). :func:`run_query` also refuses statements other than
+        ``SELECT``/``EXPLAIN``.
 
     Returns
     -------
@@ -76,7 +86,18 @@ def connect(store: FeatureStore, feature_set: str | None = None, model: str | No
         "(PARTITION BY uri ORDER BY seen_at DESC) AS rn FROM sources_log) WHERE rn = 1"
     )
     _score_views(con, store, model)
+    if read_only:
+        _confine(con, store)
     return con
+
+
+def _confine(con: duckdb.DuckDBPyConnection, store: FeatureStore) -> None:
+    root = store.root if store.is_local else store.uri(store.root)
+    con.execute("SET allowed_directories = [?]", [root.rstrip("/") + "/"])
+    for setting in ("enable_external_access", "autoinstall_known_extensions",
+                    "autoload_known_extensions"):
+        con.execute(f"SET {setting} = false")
+    con.execute("SET lock_configuration = true")
 
 
 def _score_views(con: duckdb.DuckDBPyConnection, store: FeatureStore, model: str | None) -> None:
@@ -133,16 +154,32 @@ def _parquet_view(con: duckdb.DuckDBPyConnection, name: str, store: FeatureStore
     con.execute(f"CREATE VIEW {name} AS SELECT * FROM read_parquet([{files}])")
 
 
-def run_query(con: duckdb.DuckDBPyConnection, sql: str) -> pa.Table:
+def run_query(con: duckdb.DuckDBPyConnection, sql: str, *, allow_writes: bool = False
+              ) -> pa.Table:
     """Run ``sql`` and return the result as an Arrow table.
 
     Raises
     ------
     ParameterError
-        If DuckDB rejects the query (the message names the problem).
+        If DuckDB rejects the query (the message names the problem), or the query would
+        write, attach or install something and ``allow_writes`` is off.
     """
     try:
+        if not allow_writes:
+            kinds = {s.type.name for s in con.extract_statements(sql)}
+            if kinds - READ_STATEMENTS:
+                raise ParameterError(
+                    f"mtag query is read-only: {', '.join(sorted(kinds - READ_STATEMENTS))} "
+                    "statements are refused (use --output FILE to save a result, or "
+                    "--allow-writes)")
         return con.sql(sql).to_arrow_table()
+    except duckdb.PermissionException as exc:
+        raise ParameterError(f"query refused: {exc} (mtag query reads the store's tables "
+                             "only; --allow-writes lifts this)") from exc
+    except duckdb.IOException as exc:
+        raise ParameterError(f"query failed: {exc}. A store file may be damaged: `mtag "
+                             "verify --store STORE` names it and `--repair` quarantines it"
+                             ) from exc
     except duckdb.Error as exc:
         raise ParameterError(f"query failed: {exc}") from exc
 

@@ -150,7 +150,26 @@ def read_snapshot(store: FeatureStore, path: str, columns: list[str] | None = No
             return pa.table({})
         empty = schema.empty_table()
         return empty.select(columns) if columns else empty
-    return table.to_pyarrow_dataset().to_table(columns=columns, filter=filter)
+    return snapshot_dataset(store, table).to_table(columns=columns, filter=filter)
+
+
+def snapshot_dataset(store: FeatureStore, table: DeltaTable) -> Any:
+    """A pyarrow dataset over the snapshot's Parquet files, read through the store's own
+    filesystem. (delta-rs' ``to_pyarrow_dataset`` reads through a filesystem of its own whose
+    threads sometimes outlive the interpreter and abort it at exit: delta-rs issue 2184.) The
+    tables have no partition columns and no deletion vectors, so the files are the snapshot.
+    """
+    import pyarrow.dataset as ds
+
+    schema = pa.schema(table.schema().to_arrow())
+    uris = list(table.file_uris())
+    if store.is_local:
+        return ds.dataset(uris, schema=schema, format="parquet")
+    from pyarrow.fs import FSSpecHandler, PyFileSystem
+
+    paths = [u.split("://", 1)[1] for u in uris]
+    return ds.dataset(paths, schema=schema, format="parquet",
+                      filesystem=PyFileSystem(FSSpecHandler(store.fs)))
 
 
 def file_uris(store: FeatureStore, path: str, version: int | str | dt.datetime | None = None

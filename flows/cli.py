@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import signal
 import sys
 from collections.abc import Sequence
 from importlib.metadata import entry_points
@@ -58,8 +59,8 @@ def cmd_query(args: argparse.Namespace) -> int:
     from featurestore.store import FeatureStore
 
     store = FeatureStore(args.store)
-    con = connect(store, args.feature_set, args.model)
-    table = run_query(con, args.sql)
+    con = connect(store, args.feature_set, args.model, read_only=not args.allow_writes)
+    table = run_query(con, args.sql, allow_writes=args.allow_writes)
     if args.output:
         write_result(table, args.output)
         print(f"wrote {table.num_rows} rows to {args.output}", file=sys.stderr)
@@ -174,6 +175,20 @@ def cmd_compact(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_verify(args: argparse.Namespace) -> int:
+    from featurestore.store import FeatureStore
+    from featurestore.verify import repair, verify
+
+    store = FeatureStore(args.store)
+    if args.repair:
+        fixed = repair(store)
+        print(fixed.render())
+        return 1 if fixed.problems_left else 0
+    report = verify(store)
+    print(report.render())
+    return 0 if report.ok else 1
+
+
 def cmd_migrate(args: argparse.Namespace) -> int:
     from featurestore.migrate import migrate
 
@@ -222,6 +237,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--format", choices=("table", "csv", "json"), default="table")
     p.add_argument("--output", help="write to FILE (.csv, .json or .parquet)")
     p.add_argument("--max-rows", type=int, default=100, help="rows shown as a table")
+    p.add_argument("--allow-writes", action="store_true",
+                   help="let the SQL read or write files outside the store, attach databases "
+                   "and install extensions (off: read-only, confined to the store)")
     p.set_defaults(func=cmd_query)
 
     p = sub.add_parser("train", help="train a tagger on labelled tracks; register in MLflow")
@@ -299,6 +317,13 @@ def build_parser() -> argparse.ArgumentParser:
                    help="never delete files younger than this (default 168: a week)")
     p.set_defaults(func=cmd_compact)
 
+    p = sub.add_parser("verify", help="check every committed file and the tables against "
+                       "each other; exit 1 if anything is wrong")
+    p.add_argument("--store", help=STORE_HELP)
+    p.add_argument("--repair", action="store_true",
+                   help="quarantine damaged files; their tracks are ingested again next run")
+    p.set_defaults(func=cmd_verify)
+
     p = sub.add_parser("migrate", help="turn a store of an older format into Delta tables "
                        "(no audio is decoded again)")
     p.add_argument("--store", help=STORE_HELP)
@@ -341,12 +366,21 @@ def main(argv: Sequence[str] | None = None) -> int:
     apply_defaults(quiet=not args.verbose)
     from tasks.errors import MtagError
 
+    signal.signal(signal.SIGTERM, _interrupt)  # stop like Ctrl-C: every `with` cleans up
     try:
         _from_settings(args)
         return int(args.func(args))
     except MtagError as exc:
         print(f"mtag: error: {exc}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print("mtag: interrupted: what was committed stays committed; run the command again "
+              "to finish", file=sys.stderr)
+        return 130
+
+
+def _interrupt(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt(f"signal {signum}")
 
 
 if __name__ == "__main__":

@@ -108,7 +108,7 @@ def _ingest(catalogue: str, store: str, labels: str, address: str, progress: boo
     summary = run_ingest(catalogue, store, dask_address=address, shard_minutes=5.0,
                          progress=progress)
     print(summary.render())
-    con = connect(FeatureStore(store))
+    con = connect(FeatureStore(store), read_only=False)  # the demo's labels are outside it
     con.execute(f"CREATE VIEW labels AS SELECT * FROM read_csv('{labels}')")
     queries = [
         ("Tracks by status and format",

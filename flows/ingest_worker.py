@@ -15,6 +15,7 @@ import os
 import pickle
 import resource
 import socket
+import stat
 import time
 import traceback
 from typing import Any
@@ -54,9 +55,37 @@ def probe_files(files: list[SourceFile]) -> list[ProbeRecord]:
     return [probe_one(f) for f in files]
 
 
+def special_file(uri: str) -> str | None:
+    """What a local path is if not a regular file (after symlinks): ``FIFO``, ``device``,
+    ``socket``, ``directory``; None for a regular file, an object-store URL or a path that
+    is gone (reading it reports that).
+    """
+    if "://" in uri:
+        return None
+    try:
+        mode = os.stat(uri).st_mode
+    except OSError:
+        return None
+    if stat.S_ISREG(mode):
+        return None
+    if stat.S_ISFIFO(mode):
+        return "FIFO"
+    if stat.S_ISCHR(mode) or stat.S_ISBLK(mode):
+        return "device"
+    if stat.S_ISSOCK(mode):
+        return "socket"
+    return "directory" if stat.S_ISDIR(mode) else "special file"
+
+
 def probe_one(f: SourceFile) -> ProbeRecord:
     """Hash and probe one file."""
     base: dict[str, Any] = {"uri": f.uri, "size_bytes": f.size_bytes, "mtime": f.mtime}
+    kind = special_file(f.uri)
+    if kind:  # reading a FIFO blocks forever, a device never ends: never opened
+        digest = _digest_of_error(f.uri)
+        return ProbeRecord(**base, content_hash=digest, track_id=track_id_of(digest),
+                           status="failed", stage="probe",
+                           error=f"not a regular file ({kind}): not read")
     try:
         digest = content_hash(f.uri)
     except OSError as exc:

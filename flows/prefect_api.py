@@ -13,6 +13,8 @@ from __future__ import annotations
 import atexit
 import contextlib
 import os
+import subprocess
+import sys
 import threading
 from collections.abc import Iterator
 from typing import Any
@@ -30,12 +32,13 @@ class PrefectApi:
     def __init__(self, url: str, server: Any, timeout: int) -> None:
         self.url, self._server, self._timeout = url, server, timeout
         self._thread: threading.Thread | None = None
+        self._booted = threading.Event()
         self._error: BaseException | None = None
 
     def start(self) -> str:
         """Make sure the API answers (starts the temporary server once); return its URL."""
         if self._thread is not None:
-            self._thread.join()
+            self._booted.wait()  # the thread itself lives on (see start_in_background)
             self._thread = None
             if self._error is not None:
                 raise self._error
@@ -60,13 +63,22 @@ class PrefectApi:
                 self._boot()
             except BaseException as exc:  # re-raised by start() in the caller's thread
                 self._error = exc
+                return
+            finally:
+                self._booted.set()
+            # the parent-death signal is bound to the thread that started the server: this
+            # (daemon) thread lives as long as the process
+            threading.Event().wait()
 
         self._thread = threading.Thread(target=run, name="prefect-api-start", daemon=True)
         self._thread.start()
 
 
 class _LazyServer:
-    """Prefect's ``SubprocessASGIServer`` on a port chosen here, imported when started."""
+    """Prefect's ``SubprocessASGIServer`` on a port chosen here, imported when started, whose
+    server process dies with this one (Linux: the parent-death signal), so a ``kill -9`` of
+    the command leaves no server behind.
+    """
 
     def __init__(self, port: int) -> None:
         self.port = port
@@ -76,12 +88,40 @@ class _LazyServer:
     def start(self, timeout: int) -> None:
         from prefect.server.api.server import SubprocessASGIServer
 
-        self._server = SubprocessASGIServer(port=self.port)
+        class ParentBoundServer(SubprocessASGIServer):
+            def _run_uvicorn_command(self) -> subprocess.Popen[Any]:
+                # Prefect 3.8's own command and environment, plus the parent-death signal
+                import prefect
+                from prefect.settings import get_current_settings
+
+                env = {**os.environ, "PREFECT_UI_ENABLED": "0", "PREFECT__SERVER_EPHEMERAL": "1",
+                       "PREFECT__SERVER_FINAL": "1",
+                       **get_current_settings().to_environment_variables(exclude_unset=True)}
+                uvicorn = [sys.executable, "-m", "uvicorn", "--app-dir",
+                           str(prefect.__module_path__.parent), "--factory",
+                           "prefect.server.api.server:create_app", "--host", "127.0.0.1",
+                           "--port", str(self.port), "--log-level", "error", "--lifespan", "on"]
+                return subprocess.Popen([sys.executable, "-c", _BOUND_TO_PARENT, str(os.getpid()),
+                                         *uvicorn], env=env)
+
+        self._server = ParentBoundServer(port=self.port)
         self._server.start(timeout=timeout)
 
     def stop(self) -> None:
         if self._server is not None:
             self._server.stop()
+
+
+_BOUND_TO_PARENT = """
+import ctypes, os, signal, sys
+if sys.platform.startswith("linux"):  # SIGTERM when the parent dies, kept across exec
+    ctypes.CDLL("libc.so.6").prctl(1, signal.SIGTERM)
+if os.getppid() != int(sys.argv[1]):  # the parent died before that took effect
+    sys.exit(0)
+os.execv(sys.argv[2], sys.argv[2:])
+"""
+"""Started as ``python -c`` in front of the server's command: the server process dies with the
+process that started it (a ``kill -9`` of the command leaves no server listening)."""
 
 
 @contextlib.contextmanager

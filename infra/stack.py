@@ -203,6 +203,9 @@ def _start(record: dict[str, Any], store: str, folder: Path, ports: dict[str, in
     env = base | WORKER_ENV | {"PREFECT_API_URL": prefect_url, "MLFLOW_TRACKING_URI": mlflow_url}
     svc = add(_spawn("dask-workers", [_bin("dask"), "worker", address, "--nworkers",
                                       str(workers), "--nthreads", "1", "--host", HOST,
+                                      # without it each spawned worker's HTTP routes listen
+                                      # on 0.0.0.0, even with --no-dashboard
+                                      "--dashboard-address", f"{HOST}:0",
                                       "--no-dashboard", "--memory-limit", "auto"], env, logs))
     svc.extra = {"workers": workers}
     _wait(f"{workers} Dask workers", lambda: _count_workers(address) >= workers, svc.pid,

@@ -57,7 +57,7 @@ def test_every_deployment_entry_point_is_a_flow():
 
 @pytest.mark.parametrize("command", ["ingest", "query", "train", "evaluate", "score",
                                      "similar", "neighbours", "stack", "deploy", "settings",
-                                     "compact", "migrate",
+                                     "compact", "migrate", "verify",
                                      "demo"])
 def test_every_command_has_help(command):
     out = subprocess.run([sys.executable, "-m", "flows.cli", command, "--help"],

@@ -56,3 +56,18 @@ def test_hash_is_content_not_name(tmp_path):
     assert content_hash(str(tmp_path / "x.raw")) == content_hash(str(tmp_path / "y.raw"))
     (tmp_path / "y.raw").write_bytes(data + b"\0")
     assert content_hash(str(tmp_path / "x.raw")) != content_hash(str(tmp_path / "y.raw"))
+
+
+def test_fifos_and_devices_get_a_status_and_are_never_opened(tmp_path):
+    import os
+
+    from featurestore.sources import discover
+
+    fifo = tmp_path / "pipe.wav"
+    os.mkfifo(fifo)  # reading it would block forever
+    (tmp_path / "zero.wav").symlink_to("/dev/zero")  # reading it would never end
+    records = {os.path.basename(r.uri): r for r in map(probe_one, discover(str(tmp_path)))}
+    assert set(records) == {"pipe.wav", "zero.wav"}
+    assert records["pipe.wav"].status == "failed" and "FIFO" in records["pipe.wav"].error
+    assert records["zero.wav"].status == "failed" and "device" in records["zero.wav"].error
+    assert records["pipe.wav"].track_id != records["zero.wav"].track_id

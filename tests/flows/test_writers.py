@@ -69,3 +69,62 @@ def test_a_run_with_nothing_new_starts_no_cluster_and_no_api(tmp_path):
     assert (got["unchanged"], got["ok"], got["dask"], got["prefect_server"]) == (
         4, 0, False, False)
     assert got["wall_s"] < 3.0, got
+
+
+def descendants(pid):
+    import psutil
+
+    return psutil.Process(pid).children(recursive=True)
+
+
+def started_ingest(tmp_path, n=16, seconds=20.0):
+    """An `mtag ingest` of a catalogue long enough to be stopped mid-run, once extracting."""
+    import time
+
+    cat, store = tmp_path / "cat", tmp_path / "store"
+    for i in range(n):
+        write(str(cat / f"t{i:02d}.wav"), music_like(seconds, 22050, seed=i), 22050)
+    proc = subprocess.Popen([sys.executable, "-m", "flows.cli", "ingest", str(cat), "--store",
+                             str(store), "--workers", "1", "--shard-minutes", "0.2",
+                             "--no-progress"], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True, env=_own_api_env())
+    deadline = time.time() + 300
+    while time.time() < deadline and not list((store / "features").glob("*/tensors/*.arrow")):
+        assert proc.poll() is None, proc.communicate()
+        time.sleep(0.05)
+    return proc, store
+
+
+def _own_api_env():
+    """The command starts its own temporary Prefect API (the case to clean up after)."""
+    import os
+
+    return {k: v for k, v in os.environ.items() if k != "PREFECT_API_URL"}
+
+
+def test_sigterm_stops_the_run_cleanly_and_stops_what_it_started(tmp_path):
+    import psutil
+
+    proc, store = started_ingest(tmp_path)
+    children = descendants(proc.pid)
+    assert children  # the Dask workers and the temporary Prefect server
+    proc.terminate()
+    out, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130 and "interrupted" in err, err[-2000:]
+    gone, alive = psutil.wait_procs(children, timeout=20)
+    assert not alive, [p.cmdline() for p in alive]
+    leases = [json.loads(p.read_text()) for p in (store / "_locks").glob("commit-*.json")]
+    assert all(lease["released"] for lease in leases)
+    assert not list((store / "_locks").glob("intent-*.json"))
+
+
+def test_kill_9_of_the_command_leaves_no_prefect_server(tmp_path):
+    import psutil
+
+    proc, _ = started_ingest(tmp_path, n=8)
+    servers = [p for p in descendants(proc.pid) if "uvicorn" in " ".join(p.cmdline())]
+    assert len(servers) == 1
+    proc.kill()
+    proc.wait()
+    gone, alive = psutil.wait_procs(servers, timeout=10)
+    assert not alive, "the temporary Prefect server outlived kill -9 of its command"

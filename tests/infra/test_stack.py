@@ -87,6 +87,19 @@ def stack(tmp_path_factory):
                 os.killpg(svc["pid"], signal.SIGKILL)
 
 
+def listeners(pids):
+    """(pid, ip, port) of every listening socket of the processes ``pids`` and their
+    descendants (the nanny's spawned workers, the servers' children)."""
+    import psutil
+
+    procs = []
+    for pid in pids:
+        root = psutil.Process(pid)
+        procs += [root, *root.children(recursive=True)]
+    return sorted({(p.pid, c.laddr.ip, c.laddr.port) for p in procs
+                   for c in p.net_connections(kind="inet") if c.status == psutil.CONN_LISTEN})
+
+
 def test_stack_runs_the_pipeline_against_real_servers(stack):
     env, store = stack["env"], stack["store"]
     services = stack["record"]["services"]
@@ -95,6 +108,8 @@ def test_stack_runs_the_pipeline_against_real_servers(stack):
         assert svc["url"] is None or "127.0.0.1" in svc["url"]
     status = mtag("stack", "status", "--store", store, env=env)
     assert status.count("healthy") == 4
+    listening = listeners([svc["pid"] for svc in services.values()])
+    assert len(listening) >= 6 and {ip for _, ip, _ in listening} == {"127.0.0.1"}, listening
 
     out = mtag("ingest", stack["catalogue"], "--no-progress", env=env)  # MTAG_STORE from env
     assert "12 ok" in out and env["MTAG_DASK_ADDRESS"] in out
