@@ -64,7 +64,8 @@ class TensorReader:
         chunk = np.zeros(len(wanted), np.int32)
         row = np.zeros(len(wanted), np.int64)
         cuts = [0, *(np.flatnonzero(files[1:] != files[:-1]) + 1).tolist(), len(files)]
-        for a, b in itertools.pairwise(cuts if len(files) else []):  # only the rows the snapshot names are served
+        # only the rows the snapshot names are served
+        for a, b in itertools.pairwise(cuts if len(files) else []):
             chunk[a:b], row[a:b] = self._map_file(str(files[a]), wanted[a:b])
         cols = [rows["track_id"].to_numpy(zero_copy_only=False), rows["segment"].to_numpy(),
                 rows["valid_frames"].to_numpy(), chunk, row]

@@ -37,6 +37,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.dataset as ds
+import pyarrow.parquet as pq
 from fsspec.implementations.local import LocalFileSystem
 
 from featurestore import tables
@@ -145,6 +146,8 @@ class FeatureStore:
             self.fs.makedirs(self.root, exist_ok=True)
             self.write_record(marker, {"format": STORE_FORMAT, "created_at": _now()})
         self.format = int(self.read_record(marker).get("format", 1))
+        self._ids_by_file: dict[str, dict[str, frozenset[str]]] = {}
+        self._ids: dict[str, set[str]] = {}
         if self.format != STORE_FORMAT and not any_format:
             raise StoreError(f"store {url} has format {self.format}; this mtag reads format "
                              f"{STORE_FORMAT} (Delta tables): run `mtag migrate --store {url}` "
@@ -339,9 +342,33 @@ class FeatureStore:
         return out
 
     def committed_track_ids(self, feature_set: str) -> set[str]:
-        """Ids of every track (ok or failed) committed in ``feature_set``."""
-        rows = self.read(feature_set, "tracks", ["track_id"])
-        return set(rows["track_id"].to_pylist())
+        """Ids of every track (ok or failed) committed in ``feature_set``.
+
+        Kept per data file for the life of this object, so a writer that commits again reads
+        only the files committed since its last look (a commit costs what is new, not what
+        the store holds); files a compaction or a repair replaced drop out exactly.
+        """
+        table = tables.open_table(self, self.table_path(feature_set, "tracks"))
+        if table is None:
+            return set()
+        cache = self._ids_by_file.setdefault(feature_set, {})
+        union = self._ids.setdefault(feature_set, set())
+        current = [str(p) for p in pa.table(table.get_add_actions(flatten=True))["path"]
+                   .to_pylist()]
+        gone = set(cache) - set(current)
+        for path in gone:
+            del cache[path]
+        if gone:  # a compaction or a repair replaced files: count again from what is left
+            union.clear()
+            union.update(*cache.values())
+        folder = self.table_path(feature_set, "tracks")
+        for path in current:
+            if path not in cache:
+                with self.fs.open(f"{folder}/{path}", "rb") as fh:
+                    ids = pq.read_table(fh, columns=["track_id"])["track_id"]
+                cache[path] = frozenset(ids.to_pylist())
+                union.update(cache[path])
+        return set(union)
 
     # --- commits --------------------------------------------------------------------------
     def commit_lease(self, **kwargs: Any) -> Any:

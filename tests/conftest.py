@@ -97,3 +97,35 @@ def mlflow_env(tmp_path, monkeypatch):
     """A private SQLite tracking store per test (the embedded default lives in the store)."""
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     return tmp_path
+
+
+@pytest.fixture(scope="session")
+def moto_endpoint():
+    """A moto S3 server on a free loopback port for the session, stopped by its PID."""
+    import signal
+    import socket
+    import subprocess
+    import sys
+    import time
+
+    from flows.cluster import free_port
+
+    port = free_port()
+    moto = os.path.join(os.path.dirname(sys.executable), "moto_server")
+    proc = subprocess.Popen([moto, "-H", "127.0.0.1", "-p", str(port)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            start_new_session=True)
+    try:
+        deadline = time.time() + 60
+        while True:
+            try:
+                socket.create_connection(("127.0.0.1", port), timeout=1).close()
+                break
+            except OSError:
+                assert proc.poll() is None, "moto server exited"
+                assert time.time() < deadline, "moto server did not start"
+                time.sleep(0.2)
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        os.killpg(proc.pid, signal.SIGTERM)
+        proc.wait(30)

@@ -86,3 +86,19 @@ def test_a_pinned_training_set_survives_a_vacuum_without_retention(store):
     assert {(t, int(s)) for t, s in zip(again.index.track_id, again.index.segment,
                                         strict=True)} == want
     assert len(again) == len(old) and len(again) < len(TensorReader(store, FS))
+
+
+def test_committed_ids_follow_other_writers_and_compaction(store):
+    ids = store.committed_track_ids(FS)  # this object caches them per data file
+    assert len(ids) == 16
+    other = FeatureStore(store.url)  # another writer commits a shard
+    written, _ = write_shard(other, "s-new", [("tnew", 4.0)])
+    other.commit_shards([written])
+    assert store.committed_track_ids(FS) == ids | {"tnew"}
+    compact(store)  # every file replaced by one
+    assert store.committed_track_ids(FS) == ids | {"tnew"}
+    table = store.table_path(FS, "tracks")
+    from featurestore import tables
+
+    tables.open_table(store, table).delete("track_id = 'tnew'")  # a repair removes a track
+    assert store.committed_track_ids(FS) == ids

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import socket
 import subprocess
 import sys
@@ -19,7 +18,6 @@ import pytest
 
 from featurestore.lease import CommitLease, commit_lease
 from featurestore.store import FeatureStore
-from flows.cluster import free_port
 from tasks.errors import StoreError
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -183,30 +181,6 @@ def test_filesystem_without_conditional_writes_is_refused():
 
 
 # --- S3 (moto) ----------------------------------------------------------------------------
-@pytest.fixture(scope="module")
-def moto_endpoint():
-    """A moto S3 server on a free loopback port, stopped by its PID."""
-    port = free_port()
-    moto = os.path.join(os.path.dirname(sys.executable), "moto_server")
-    proc = subprocess.Popen([moto, "-H", "127.0.0.1", "-p", str(port)],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                            start_new_session=True)
-    try:
-        deadline = time.time() + 60
-        while True:
-            try:
-                socket.create_connection(("127.0.0.1", port), timeout=1).close()
-                break
-            except OSError:
-                assert proc.poll() is None, "moto server exited"
-                assert time.time() < deadline, "moto server did not start"
-                time.sleep(0.2)
-        yield f"http://127.0.0.1:{port}"
-    finally:
-        os.killpg(proc.pid, signal.SIGTERM)
-        proc.wait(30)
-
-
 @pytest.fixture
 def s3_store(moto_endpoint, monkeypatch):
     """A fresh bucket on the moto server and a store in it; credentials in the environment."""

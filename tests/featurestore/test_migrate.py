@@ -9,11 +9,7 @@ import hashlib
 import json
 import os
 import shutil
-import signal
 import socket
-import subprocess
-import sys
-import time
 import uuid
 
 import numpy as np
@@ -536,32 +532,6 @@ def test_groups_make_few_commits(old):
 
 
 # --- S3 (moto) ----------------------------------------------------------------------------
-@pytest.fixture(scope="module")
-def moto_endpoint():
-    """A moto S3 server on a free loopback port, stopped by its PID."""
-    from flows.cluster import free_port
-
-    port = free_port()
-    moto = os.path.join(os.path.dirname(sys.executable), "moto_server")
-    proc = subprocess.Popen([moto, "-H", "127.0.0.1", "-p", str(port)],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                            start_new_session=True)
-    try:
-        deadline = time.time() + 60
-        while True:
-            try:
-                socket.create_connection(("127.0.0.1", port), timeout=1).close()
-                break
-            except OSError:
-                assert proc.poll() is None, "moto server exited"
-                assert time.time() < deadline, "moto server did not start"
-                time.sleep(0.2)
-        yield f"http://127.0.0.1:{port}"
-    finally:
-        os.killpg(proc.pid, signal.SIGTERM)
-        proc.wait(30)
-
-
 @pytest.mark.slow
 def test_migration_on_s3(template, moto_endpoint, monkeypatch, tmp_path):
     import boto3

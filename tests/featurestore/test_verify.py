@@ -84,5 +84,5 @@ def test_a_missing_tracks_file_and_a_garbage_record(store):
     assert segs == [{"n": 2 * (2 + 3)}]  # s-2's segments went with its tracks
     with open(store.path("features", FS, "featureset.json"), "w") as fh:
         fh.write("{not json")
-    with pytest.raises(StoreError, match="damaged store record .*featureset.json"):
+    with pytest.raises(StoreError, match=r"damaged store record .*featureset\.json"):
         store.config(FS)

@@ -109,9 +109,9 @@ def test_sigterm_stops_the_run_cleanly_and_stops_what_it_started(tmp_path):
     children = descendants(proc.pid)
     assert children  # the Dask workers and the temporary Prefect server
     proc.terminate()
-    out, err = proc.communicate(timeout=60)
+    _, err = proc.communicate(timeout=60)
     assert proc.returncode == 130 and "interrupted" in err, err[-2000:]
-    gone, alive = psutil.wait_procs(children, timeout=20)
+    _, alive = psutil.wait_procs(children, timeout=20)
     assert not alive, [p.cmdline() for p in alive]
     leases = [json.loads(p.read_text()) for p in (store / "_locks").glob("commit-*.json")]
     assert all(lease["released"] for lease in leases)
@@ -126,5 +126,5 @@ def test_kill_9_of_the_command_leaves_no_prefect_server(tmp_path):
     assert len(servers) == 1
     proc.kill()
     proc.wait()
-    gone, alive = psutil.wait_procs(servers, timeout=10)
+    _, alive = psutil.wait_procs(servers, timeout=10)
     assert not alive, "the temporary Prefect server outlived kill -9 of its command"

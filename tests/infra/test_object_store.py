@@ -5,16 +5,12 @@ from the environment and are written nowhere."""
 from __future__ import annotations
 
 import os
-import signal
-import socket
 import subprocess
 import sys
-import time
 
 import pytest
 from factories import write, write_labels
 
-from flows.cluster import free_port
 from tasks.synth import render_track
 
 pytestmark = pytest.mark.slow
@@ -22,28 +18,10 @@ pytestmark = pytest.mark.slow
 SECRET = "not-a-real-secret-5f1d0c"
 
 
-@pytest.fixture(scope="module")
-def s3():
-    """A moto S3 server on a free loopback port, stopped by its PID."""
-    port = free_port()
-    moto = os.path.join(os.path.dirname(sys.executable), "moto_server")
-    proc = subprocess.Popen([moto, "-H", "127.0.0.1", "-p", str(port)],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                            start_new_session=True)
-    endpoint = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.time() + 60
-        while time.time() < deadline:
-            try:
-                socket.create_connection(("127.0.0.1", port), timeout=1).close()
-                break
-            except OSError:
-                assert proc.poll() is None, "moto server exited"
-                time.sleep(0.2)
-        yield endpoint
-    finally:
-        os.killpg(proc.pid, signal.SIGTERM)
-        proc.wait(30)
+@pytest.fixture
+def s3(moto_endpoint):
+    """The session's moto S3 server (tests/conftest.py)."""
+    return moto_endpoint
 
 
 def test_pipeline_on_s3(s3, tmp_path, monkeypatch):
