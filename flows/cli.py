@@ -373,7 +373,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except MtagError as exc:
         print(f"mtag: error: {exc}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
+    except BaseException as exc:
+        if not _interrupted(exc):
+            raise
         print("mtag: interrupted: what was committed stays committed; run the command again "
               "to finish", file=sys.stderr)
         return 130
@@ -381,6 +383,19 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 def _interrupt(signum: int, frame: object) -> None:
     raise KeyboardInterrupt(f"signal {signum}")
+
+
+def _interrupted(exc: BaseException | None) -> bool:
+    """Whether ``exc`` comes from Ctrl-C or SIGTERM: inside a flow run Prefect turns SIGTERM
+    into its own ``TerminationSignal``, which can surface wrapped in another error.
+    """
+    seen = 0
+    while exc is not None and seen < 20:
+        if isinstance(exc, KeyboardInterrupt) or type(exc).__name__ == "TerminationSignal" \
+                or "TerminationSignal" in str(exc):
+            return True
+        exc, seen = exc.__cause__ or exc.__context__, seen + 1
+    return False
 
 
 if __name__ == "__main__":

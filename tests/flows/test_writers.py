@@ -68,7 +68,7 @@ def test_a_run_with_nothing_new_starts_no_cluster_and_no_api(tmp_path):
     got = json.loads(out.stdout.strip().splitlines()[-1])
     assert (got["unchanged"], got["ok"], got["dask"], got["prefect_server"]) == (
         4, 0, False, False)
-    assert got["wall_s"] < 3.0, got
+    # (how fast it returns is measured by bench/scale_bench.py, not asserted here)
 
 
 def descendants(pid):
