@@ -116,6 +116,7 @@ class CommitResult:
 
     committed: list[str]  # shard ids
     dropped_tracks: int  # tracks another writer had committed first
+    counts: dict[str, ShardCounts]  # of each committed shard, as committed
     tracks_version: int | None
 
 
@@ -390,7 +391,7 @@ class FeatureStore:
         rewritten without them), so no track is ever in the tables twice.
         """
         if not written:
-            return CommitResult([], 0, None)
+            return CommitResult([], 0, {}, None)
         fs_id = written[0].feature_set
         with self.commit_lease() as lease:
             self.resolve_intents()
@@ -404,7 +405,7 @@ class FeatureStore:
                                 self._without(w, set(fresh)))
                 done.update(fresh)
             if not keep:
-                return CommitResult([], dropped, tables.version_of(
+                return CommitResult([], dropped, {}, tables.version_of(
                     self, self.table_path(fs_id, "tracks")))
             shards = [w.shard_id for w in keep]
             version = self.commit_pair(
@@ -415,25 +416,28 @@ class FeatureStore:
                 last=(self.table_path(fs_id, "tracks"), [w.tracks_file for w in keep],
                       TRACKS_SCHEMA),
                 metadata={"mtag.operation": "ingest", "mtag.run": run or ""})
-        return CommitResult(shards, dropped, version)
+        return CommitResult(shards, dropped, {w.shard_id: w.counts for w in keep}, version)
 
     def _without(self, w: WrittenShard, keep: set[str]) -> WrittenShard:
         """``w`` rewritten with only the tracks in ``keep`` (rare: two writers raced)."""
-        import pyarrow.parquet as pq
 
-        def rewrite(table: str, f: DataFile) -> DataFile:
+        def rewrite(table: str, f: DataFile) -> tuple[DataFile, pa.Table]:
             folder = self.table_path(w.feature_set, table)
             with self.fs.open(f"{folder}/{f.path}", "rb") as fh:
                 rows = pq.read_table(fh)
             rows = rows.filter(pc.is_in(rows["track_id"], pa.array(sorted(keep))))
             self.fs.rm(f"{folder}/{f.path}")
-            return tables.write_data_file(self, folder, rows, prefix=f"{w.shard_id}-r")
+            return tables.write_data_file(self, folder, rows, prefix=f"{w.shard_id}-r"), rows
 
-        tracks_file = rewrite("tracks", w.tracks_file)
-        segments_file = rewrite("segments", w.segments_file) if w.segments_file else None
-        ids = [t for t in w.counts.track_ids if t in keep]
-        counts = ShardCounts(len(ids), -1, -1, segments_file.rows if segments_file else 0,
-                             0.0, ids)  # n_ok etc. are recounted from the snapshot
+        tracks_file, kept = rewrite("tracks", w.tracks_file)
+        segments_file = rewrite("segments", w.segments_file)[0] if w.segments_file else None
+        ok = pc.equal(kept["status"], "ok")
+        counts = ShardCounts(
+            n_tracks=kept.num_rows, n_ok=int(pc.sum(ok).as_py() or 0),
+            n_failed=kept.num_rows - int(pc.sum(ok).as_py() or 0),
+            n_segments=segments_file.rows if segments_file else 0,
+            audio_s=float(pc.sum(kept.filter(ok)["duration_s"]).as_py() or 0.0),
+            track_ids=[t for t in w.counts.track_ids if t in keep])
         return WrittenShard(w.shard_id, w.feature_set, counts, tracks_file, segments_file,
                             w.tensor_file)
 

@@ -18,7 +18,7 @@ from prefect import flow, get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 
 from featurestore.sources import SourceFile, discover
-from featurestore.store import FeatureStore
+from featurestore.store import FeatureStore, ShardCounts
 from flows.cluster import Echo
 from flows.ingest_worker import probe_files, probe_one, run_batch, warm_worker
 from flows.plan import Triage, batch_shards, batches, dedupe, plan_shards, triage
@@ -78,9 +78,12 @@ class IngestSummary:
         """Inverse of :meth:`to_dict` (derived figures are recomputed)."""
         return from_fields(cls, data, errors=lambda es: [tuple(e) for e in es])
 
-    def add(self, result: ShardResult, *, unsupported: int = 0) -> None:
-        """Count a committed shard (``unsupported`` of its failed tracks are unsupported)."""
-        counts = result.counts
+    def add(self, result: ShardResult, *, counts: ShardCounts | None = None,
+            unsupported: int = 0) -> None:
+        """Count a committed shard (``counts`` as committed, default the shard's own;
+        ``unsupported`` of its failed tracks are unsupported file types).
+        """
+        counts = counts or result.counts
         self.ok += counts.n_ok
         self.unsupported += unsupported
         self.failed += counts.n_failed - unsupported
@@ -218,10 +221,10 @@ def _extract(fstore: FeatureStore, cfg: FeatureConfig, shards: list[ShardPlan],
 def _commit(fstore: FeatureStore, results: list[ShardResult], summary: IngestSummary) -> None:
     """Commit a group of shards (one Delta transaction per table) and count them."""
     done = fstore.commit_shards([r.written for r in results], run=run_id())
-    committed = set(done.committed)
     for result in results:
-        if result.shard_id in committed:
-            summary.add(result, unsupported=result.unsupported)
+        if result.shard_id in done.counts:  # as committed (less what another writer had)
+            summary.add(result, counts=done.counts[result.shard_id],
+                        unsupported=result.unsupported)
     summary.committed_elsewhere += done.dropped_tracks
     if done.dropped_tracks:
         get_run_logger().warning("%d tracks were committed by another writer first; their "
