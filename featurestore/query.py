@@ -151,7 +151,14 @@ def _parquet_view(con: duckdb.DuckDBPyConnection, name: str, store: FeatureStore
         con.execute(f"CREATE VIEW {name} AS SELECT * FROM _{name}_empty")
         return
     files = ", ".join("'" + p.replace("'", "''") + "'" for p in paths)
-    con.execute(f"CREATE VIEW {name} AS SELECT * FROM read_parquet([{files}])")
+    # files written before a column was added lack it: read them by name, null-filled; that
+    # reads every footer now, so if one file is damaged the view is made without it, and
+    # the damaged file is named by the queries that read it (not by every query)
+    try:
+        con.execute(f"CREATE VIEW {name} AS SELECT * FROM read_parquet([{files}], "
+                    "union_by_name = true)")
+    except duckdb.Error:
+        con.execute(f"CREATE VIEW {name} AS SELECT * FROM read_parquet([{files}])")
 
 
 def run_query(con: duckdb.DuckDBPyConnection, sql: str, *, allow_writes: bool = False

@@ -45,7 +45,13 @@ TRACKS_SCHEMA = pa.schema([
     pa.field("processed_at", pa.timestamp("us", tz="UTC")),
     pa.field("compute_s", pa.float64()),
     pa.field("tensor_file", pa.string()),
+    pa.field("retry", pa.bool_()),
+    pa.field("declared_duration_s", pa.float64()),
+    pa.field("truncated", pa.bool_()),
+    pa.field("warning", pa.string()),
 ])
+"""Columns added after the first release (``retry`` onwards) are added to existing tables on
+their next commit (:func:`featurestore.tables.ensure_table`); older rows read them as null."""
 
 SOURCES_SCHEMA = pa.schema([
     pa.field("uri", pa.string(), nullable=False),
@@ -54,6 +60,7 @@ SOURCES_SCHEMA = pa.schema([
     pa.field("content_hash", pa.string()),
     pa.field("track_id", pa.string()),
     pa.field("seen_at", pa.timestamp("us", tz="UTC")),
+    pa.field("status", pa.string()),  # null or "present": listed; "gone": no longer listed
 ])
 
 

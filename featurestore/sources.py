@@ -71,6 +71,25 @@ def discover(source: str) -> list[SourceFile]:
     return sorted(files, key=lambda f: f.uri)
 
 
+def listing_scope(source: str) -> str | None:
+    """The URI prefix every file ``source`` lists starts with, so a known file under it that
+    a listing lacks is gone; ``None`` for a manifest (a file left out of a manifest is not
+    deleted). A single file's scope is its own URI.
+    """
+    if source.lower().endswith(MANIFEST_SUFFIXES):
+        return None
+    if "://" in source and not source.startswith("file://"):
+        fs, root = fsspec.core.url_to_fs(source)
+        return str(fs.unstrip_protocol(root.rstrip("/"))) + "/"
+    local = os.path.abspath(source.removeprefix("file://"))
+    return local.rstrip("/") + "/" if os.path.isdir(local) else local
+
+
+def in_scope(uri: str, scope: str) -> bool:
+    """Whether ``uri`` lies in a :func:`listing_scope`."""
+    return uri.startswith(scope) if scope.endswith("/") else uri == scope
+
+
 def _walk_local(root: str) -> list[SourceFile]:
     files = []
     for dirpath, dirnames, filenames in os.walk(root):

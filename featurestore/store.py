@@ -45,6 +45,7 @@ from featurestore.schema import SOURCES_SCHEMA, TRACKS_SCHEMA, segments_schema
 from featurestore.tables import DataFile
 from tasks.config import FeatureConfig
 from tasks.errors import StoreError
+from tasks.faults import failpoint
 from tasks.track import summary_columns
 from tasks.version import CODE_VERSION
 
@@ -147,8 +148,8 @@ class FeatureStore:
             self.fs.makedirs(self.root, exist_ok=True)
             self.write_record(marker, {"format": STORE_FORMAT, "created_at": _now()})
         self.format = int(self.read_record(marker).get("format", 1))
-        self._ids_by_file: dict[str, dict[str, frozenset[str]]] = {}
-        self._ids: dict[str, set[str]] = {}
+        self._ids_by_file: dict[str, dict[str, tuple[frozenset[str], frozenset[str]]]] = {}
+        self._ids: dict[str, tuple[set[str], set[str]]] = {}
         if self.format != STORE_FORMAT and not any_format:
             raise StoreError(f"store {url} has format {self.format}; this mtag reads format "
                              f"{STORE_FORMAT} (Delta tables): run `mtag migrate --store {url}` "
@@ -294,6 +295,15 @@ class FeatureStore:
             when = dt.datetime.fromtimestamp(stamp / 1000 + 0.001, dt.UTC)
         out = {}
         for name in ("tracks", "segments"):
+            if text.isdigit():  # by commit timestamps, never by log file times
+                table = tables.open_table(self, self.table_path(feature_set, name))
+                if table is None:
+                    raise StoreError(f"feature set {feature_set} has no {name} table")
+                limit = when.timestamp() * 1000 if isinstance(when, dt.datetime) else 0
+                out[name] = int(text) if name == "tracks" else max(
+                    (h["version"] for h in table.history() if h["timestamp"] <= limit),
+                    default=0)
+                continue
             table = tables.open_table(self, self.table_path(feature_set, name), when)
             if table is None:
                 raise StoreError(f"feature set {feature_set} has no {name} table")
@@ -343,33 +353,77 @@ class FeatureStore:
         return out
 
     def committed_track_ids(self, feature_set: str) -> set[str]:
-        """Ids of every track (ok or failed) committed in ``feature_set``.
+        """Ids of every track committed in ``feature_set`` for good: ok, unsupported, or
+        failed in a way the next run does not try again (see :meth:`retry_track_ids`).
 
         Kept per data file for the life of this object, so a writer that commits again reads
         only the files committed since its last look (a commit costs what is new, not what
         the store holds); files a compaction or a repair replaced drop out exactly.
         """
+        return set(self._committed_ids(feature_set)[0])
+
+    def retry_track_ids(self, feature_set: str) -> set[str]:
+        """Ids of committed tracks whose failure was transient (``retry``: the file was gone,
+        unreadable, changed while read, or ran past its time limit): the next run tries them
+        again, and their new row replaces the old.
+        """
+        return set(self._committed_ids(feature_set)[1])
+
+    def _committed_ids(self, feature_set: str) -> tuple[set[str], set[str]]:
         table = tables.open_table(self, self.table_path(feature_set, "tracks"))
         if table is None:
-            return set()
+            return set(), set()
         cache = self._ids_by_file.setdefault(feature_set, {})
-        union = self._ids.setdefault(feature_set, set())
+        final, retry = self._ids.setdefault(feature_set, (set(), set()))
         current = [str(p) for p in pa.table(table.get_add_actions(flatten=True))["path"]
                    .to_pylist()]
         gone = set(cache) - set(current)
         for path in gone:
             del cache[path]
-        if gone:  # a compaction or a repair replaced files: count again from what is left
-            union.clear()
-            union.update(*cache.values())
+        if gone:  # a compaction, a repair or a retirement replaced files: count again
+            final.clear()
+            retry.clear()
+            for ids, again in cache.values():
+                final.update(ids)
+                retry.update(again)
         folder = self.table_path(feature_set, "tracks")
         for path in current:
             if path not in cache:
                 with self.fs.open(f"{folder}/{path}", "rb") as fh:
-                    ids = pq.read_table(fh, columns=["track_id"])["track_id"]
-                cache[path] = frozenset(ids.to_pylist())
-                union.update(cache[path])
-        return set(union)
+                    pf = pq.ParquetFile(fh)
+                    cols = [c for c in ("track_id", "retry") if c in pf.schema_arrow.names]
+                    rows = pf.read(columns=cols)
+                again_mask = (rows["retry"].fill_null(False) if "retry" in cols
+                              else pa.array([False] * rows.num_rows))
+                ids = rows["track_id"].cast(pa.string())  # a compaction writes string_view
+                again = frozenset(ids.filter(again_mask).to_pylist())
+                cache[path] = (frozenset(ids.filter(pc.invert(again_mask)).to_pylist()), again)
+                final.update(cache[path][0])
+                retry.update(again)
+        return final, retry - final
+
+    def delete_tracks(self, table_path: str, track_ids: list[str], *,
+                      retry_only: bool = False, metadata: dict[str, Any] | None = None) -> int:
+        """Delete the rows of ``track_ids`` from one Delta table (one transaction; the rows
+        stay reachable through earlier versions until vacuumed); return how many went.
+        ``retry_only``: only rows of transient failures. Call with the commit lease held.
+        """
+        table = tables.open_table(self, table_path)
+        if table is None or not track_ids:
+            return 0
+        from deltalake import CommitProperties
+
+        gone = 0
+        ids = sorted(set(track_ids))
+        for i in range(0, len(ids), 5000):
+            quoted = ", ".join("'" + t.replace("'", "''") + "'" for t in ids[i:i + 5000])
+            predicate = f"track_id IN ({quoted})" + (" AND retry = true" if retry_only else "")
+            custom = {k: v if isinstance(v, str) else json.dumps(v)
+                      for k, v in (metadata or {}).items()}
+            done = table.delete(predicate,
+                                commit_properties=CommitProperties(custom_metadata=custom))
+            gone += int(done.get("num_deleted_rows") or 0)
+        return gone
 
     # --- commits --------------------------------------------------------------------------
     def commit_lease(self, **kwargs: Any) -> Any:
@@ -396,6 +450,7 @@ class FeatureStore:
         with self.commit_lease() as lease:
             self.resolve_intents()
             done = self.committed_track_ids(fs_id)
+            again = self.retry_track_ids(fs_id)
             keep, dropped = [], 0
             for w in written:
                 fresh = [t for t in w.counts.track_ids if t not in done]
@@ -408,6 +463,11 @@ class FeatureStore:
                 return CommitResult([], dropped, {}, tables.version_of(
                     self, self.table_path(fs_id, "tracks")))
             shards = [w.shard_id for w in keep]
+            redone = sorted(again & {t for w in keep for t in w.counts.track_ids})
+            if redone:  # this run's rows of a transient failure replace the old rows
+                lease.check()
+                self.delete_tracks(self.table_path(fs_id, "tracks"), redone, retry_only=True,
+                                   metadata={"mtag.operation": "retry", "mtag.run": run or ""})
             version = self.commit_pair(
                 lease, shards,
                 first=(self.table_path(fs_id, "segments"),
@@ -457,10 +517,13 @@ class FeatureStore:
         intent = self.path("_locks", f"intent-{uuid.uuid4().hex}.json")
         self.write_record(intent, {"check": last[0], "rollback": first[0], "shards": shards,
                                    "created_at": _now()})
+        failpoint("commit.first")
         lease.check()
         tables.commit_files(self, first[0], first[1], first[2], metadata=meta)
+        failpoint("commit.between")
         lease.check()
         version = tables.commit_files(self, last[0], last[1], last[2], metadata=meta)
+        failpoint("commit.last")
         self.fs.rm(intent)
         return version
 
@@ -471,6 +534,12 @@ class FeatureStore:
         rolled = 0
         for path in self.fs.glob(self.path("_locks", "intent-*.json")):
             intent = self.read_record(path)
+            if intent.get("kind") == "retire":  # finish what a crashed retirement began
+                for table in intent["tables"]:
+                    self.delete_tracks(table, intent["track_ids"],
+                                       metadata={"mtag.operation": "retire:recovered"})
+                self.fs.rm(path)
+                continue
             shards = list(intent["shards"])
             have = set(tables.read_snapshot(self, intent["check"], ["shard"],
                                             filter=ds.field("shard").isin(shards))
@@ -498,14 +567,22 @@ class FeatureStore:
 
     # --- sources (identity cache) ---------------------------------------------------------
     def known_sources(self) -> dict[str, tuple[int, float, str]]:
-        """Latest ``uri -> (size, mtime, content_hash)`` recorded by earlier runs."""
+        """Latest ``uri -> (size, mtime, content_hash)`` recorded by earlier runs, for every
+        URI whose latest record does not say it is gone.
+        """
         rows = tables.read_snapshot(self, self.path("sources"),
-                                    ["uri", "size_bytes", "mtime", "content_hash", "seen_at"],
-                                    schema=SOURCES_SCHEMA)
-        rows = rows.filter(pc.is_valid(rows["content_hash"])).sort_by("seen_at")
-        return {u: (s, m, h) for u, s, m, h in zip(
-            rows["uri"].to_pylist(), rows["size_bytes"].to_pylist(),
-            rows["mtime"].to_pylist(), rows["content_hash"].to_pylist(), strict=True)}
+                                    ["uri", "size_bytes", "mtime", "content_hash", "seen_at",
+                                     "status"], schema=SOURCES_SCHEMA)
+        rows = rows.sort_by("seen_at")
+        out: dict[str, tuple[int, float, str]] = {}
+        for u, s, m, h, st in zip(rows["uri"].to_pylist(), rows["size_bytes"].to_pylist(),
+                                  rows["mtime"].to_pylist(), rows["content_hash"].to_pylist(),
+                                  rows["status"].to_pylist(), strict=True):
+            if st == "gone":
+                out.pop(u, None)
+            elif h is not None:
+                out[u] = (s, m, h)
+        return out
 
     def record_sources(self, rows: list[dict[str, Any]]) -> None:
         """Append ``rows`` (see :data:`featurestore.schema.SOURCES_SCHEMA`) to ``sources``
@@ -516,6 +593,7 @@ class FeatureStore:
         from deltalake import write_deltalake
 
         now = dt.datetime.now(dt.UTC)
+        tables.ensure_table(self, self.path("sources"), SOURCES_SCHEMA)
         table = pa.Table.from_pylist([r | {"seen_at": now} for r in rows], schema=SOURCES_SCHEMA)
         write_deltalake(tables.table_uri(self, self.path("sources")), table, mode="append",
                         storage_options=tables.storage_options(self))

@@ -92,20 +92,37 @@ def delta_schema(schema: pa.Schema) -> pa.Schema:
     return pa.schema(fields, metadata=schema.metadata)
 
 
-def ensure_table(store: FeatureStore, path: str, schema: pa.Schema) -> None:
-    """Create an empty Delta table at ``path`` unless one is there (safe to race)."""
+def ensure_table(store: FeatureStore, path: str, schema: pa.Schema) -> DeltaTable:
+    """Open the Delta table at ``path``, creating it empty if missing and adding the columns
+    of ``schema`` it lacks (a newer release's columns; older files read them as null). Safe to
+    race.
+    """
     from deltalake import DeltaTable
-    from deltalake.exceptions import DeltaError
+    from deltalake.exceptions import DeltaError, TableNotFoundError
 
     uri = table_uri(store, path)
     options = storage_options(store)
-    if DeltaTable.is_deltatable(uri, storage_options=options):
-        return
     try:
-        DeltaTable.create(uri, delta_schema(schema), mode="ignore", storage_options=options)
-    except DeltaError:  # another process created it first
-        if not DeltaTable.is_deltatable(uri, storage_options=options):
-            raise
+        table = DeltaTable(uri, storage_options=options)
+    except TableNotFoundError:
+        try:
+            DeltaTable.create(uri, delta_schema(schema), mode="ignore", storage_options=options)
+        except DeltaError:  # another process created it first
+            if not DeltaTable.is_deltatable(uri, storage_options=options):
+                raise
+        table = DeltaTable(uri, storage_options=options)
+    have = set(table.schema().to_arrow().names)
+    missing = [f for f in delta_schema(schema) if f.name not in have]
+    if missing:
+        from deltalake.schema import Field
+
+        try:
+            table.alter.add_columns([Field.from_arrow(f.with_nullable(True)) for f in missing])
+        except DeltaError:  # another writer added them first
+            table = DeltaTable(uri, storage_options=options)
+            if any(f.name not in set(table.schema().to_arrow().names) for f in missing):
+                raise
+    return table
 
 
 def open_table(store: FeatureStore, path: str, version: int | str | dt.datetime | None = None
@@ -251,11 +268,10 @@ def commit_files(store: FeatureStore, path: str, files: list[DataFile], schema: 
         Relative paths of committed files this transaction removes (e.g. a neighbours run
         replacing the last one); readers see the old files or the new ones, never both.
     """
-    from deltalake import CommitProperties, DeltaTable
+    from deltalake import CommitProperties
     from deltalake.transaction import AddAction, RemoveAction
 
-    ensure_table(store, path, schema)
-    table = DeltaTable(table_uri(store, path), storage_options=storage_options(store))
+    table = ensure_table(store, path, schema)
     now = int(dt.datetime.now(dt.UTC).timestamp() * 1000)
     actions: list[AddAction | RemoveAction] = [
         AddAction(f.path, f.size, {}, now, True, f.stats) for f in files]

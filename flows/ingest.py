@@ -17,7 +17,9 @@ from typing import Any
 from prefect import flow, get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 
-from featurestore.sources import SourceFile, discover
+from featurestore.catalogue import mark_gone, orphaned, retire
+from featurestore.hashing import track_id_of
+from featurestore.sources import SourceFile, discover, in_scope, listing_scope
 from featurestore.store import FeatureStore, ShardCounts
 from flows.cluster import Echo
 from flows.ingest_worker import probe_files, probe_one, run_batch, warm_worker
@@ -27,8 +29,15 @@ from flows.report import publish, run_id
 from flows.runtime import CommitBuffer, commit_as_completed, run_on_cluster
 from tasks.config import FeatureConfig
 from tasks.errors import StoreError
+from tasks.faults import failpoint
 
 log = logging.getLogger("mtag")
+
+MASS_REMOVAL_SHARE = 0.5
+"""A run that finds more than this share of the known files under its source gone (and more
+than :data:`MASS_REMOVAL_MIN`) retires none of them unless told to (``--accept-removals``):
+an unmounted disk or an emptied bucket looks like a deleted catalogue."""
+MASS_REMOVAL_MIN = 10
 
 PROBE_BATCH_MAX = 2000
 PROBE_LOCAL_MAX = 256
@@ -52,12 +61,30 @@ class IngestSummary:
     shards: int = 0
     shards_failed: int = 0
     committed_elsewhere: int = 0
+    retried: int = 0
+    superseded: int = 0
+    gone: int = 0
+    gone_held: int = 0
     audio_s: float = 0.0
     compute_s: float = 0.0
     wall_s: float = 0.0
     workers: int = 1
     peak_rss_mb: dict[str, float] = field(default_factory=dict)
     errors: list[tuple[str, str, str]] = field(default_factory=list)
+
+    def _catalogue_lines(self) -> list[str]:
+        lines = []
+        if self.superseded:
+            lines.append(f"  {self.superseded} replaced files: their old tracks left the "
+                         "current views (earlier table versions keep them)")
+        if self.gone:
+            lines.append(f"  {self.gone} files no longer listed: marked gone, their tracks "
+                         "left the current views")
+        if self.gone_held:
+            lines.append(f"  ! {self.gone_held} known files are missing from the source, more "
+                         "than half of it: nothing was retired (an unmounted disk?); if they "
+                         "were deleted, run again with --accept-removals")
+        return lines
 
     @property
     def skipped(self) -> int:
@@ -97,10 +124,12 @@ class IngestSummary:
 
     def render(self) -> str:
         """Human-readable end-of-run summary."""
+        changes = self._catalogue_lines()
         if self.ok + self.failed + self.unsupported == 0 and self.shards_failed == 0:
-            return (f"Nothing to do: all {self.files} files are already in feature set "
-                    f"{self.feature_set} ({self.unchanged} unchanged, {self.duplicates} "
-                    f"duplicate or renamed).")
+            return "\n".join([
+                f"Nothing to do: all {self.files} files are already in feature set "
+                f"{self.feature_set} ({self.unchanged} unchanged, {self.duplicates} "
+                f"duplicate or renamed).", *changes])
         hours = self.audio_s / 3600
         per_core = self.realtime_x / max(1, self.workers)
         lines = [
@@ -117,6 +146,10 @@ class IngestSummary:
         if self.committed_elsewhere:
             lines.append(f"  {self.committed_elsewhere} tracks were committed by another "
                          "writer at the same time (kept once)")
+        if self.retried:
+            lines.append(f"  {self.retried} tracks whose last attempt failed for a transient "
+                         "reason were tried again")
+        lines += changes
         for path, stage, error in self.errors[:10]:
             lines.append(f"  ! {stage:8s} {path}: {error}")
         if len(self.errors) > 10:
@@ -142,7 +175,7 @@ def shard_task(store_url: str, config_json: str, batch: ShardBatch) -> list[Shar
 @flow(name="ingest", validate_parameters=False)
 def ingest_flow(source: str, store: str, config: dict[str, Any] | None = None,
                 shard_minutes: float = 60.0, workers: int = 1,
-                progress: bool = True) -> IngestSummary:
+                progress: bool = True, accept_removals: bool = False) -> IngestSummary:
     """Ingest ``source`` into the feature store at ``store``; return what the run did."""
     logger = get_run_logger()
     started = time.perf_counter()
@@ -152,17 +185,17 @@ def ingest_flow(source: str, store: str, config: dict[str, Any] | None = None,
     rolled = fstore.recover()
     if rolled:
         logger.info("recovered: %d half-committed shards rolled back", rolled)
-    look = look_up(fstore, source, cfg)
+    look = look_up(fstore, source, cfg, accept_removals=accept_removals)
     summary = IngestSummary(feature_set=look.feature_set, workers=workers, files=look.files,
                             unchanged=look.triage.unchanged)
     logger.info("%d files listed, %d unchanged, %d to probe", look.files,
                 look.triage.unchanged, len(look.triage.to_probe))
     records = _probe(look.triage.to_probe, workers, progress)
-    fstore.record_sources([
-        {"uri": r.uri, "size_bytes": r.size_bytes, "mtime": r.mtime,
-         "content_hash": r.content_hash, "track_id": r.track_id} for r in records
-    ])
+    records = _keep_earlier_rows(records, look, summary)
+    update_catalogue(fstore, look, records, summary)
+    failpoint("ingest.probed")
     pending, summary.duplicates = dedupe(records, look.committed)
+    summary.retried = sum(r.track_id in look.retry for r in pending)
     shards = plan_shards(pending, look.feature_set, shard_minutes=shard_minutes,
                          workers=workers)
     if shards:
@@ -238,22 +271,82 @@ class LookUp:
     feature_set: str
     files: int
     triage: Triage
-    committed: set[str]
+    committed: set[str]  # for good (see FeatureStore.committed_track_ids)
+    retry: set[str]  # transient failures, tried again
+    known: dict[str, tuple[int, float, str]]
+    gone: list[str]  # known files under the source that the listing lacks
+    gone_held: bool  # too many to retire without --accept-removals
 
 
-def look_up(fstore: FeatureStore, source: str, cfg: FeatureConfig) -> LookUp:
+def look_up(fstore: FeatureStore, source: str, cfg: FeatureConfig, *,
+            accept_removals: bool = False) -> LookUp:
     """List ``source`` and split it against the store's snapshots (no audio is opened)."""
     fs_id = fstore.register_feature_set(cfg)
     files = discover(source)
     committed = fstore.committed_track_ids(fs_id)
-    return LookUp(fs_id, len(files), triage(files, fstore.known_sources(), committed),
-                  committed)
+    known = fstore.known_sources()
+    scope = listing_scope(source)
+    gone: list[str] = []
+    in_source = 0
+    if scope is not None:
+        listed = {f.uri for f in files}
+        for uri in known:
+            if in_scope(uri, scope):
+                in_source += 1
+                if uri not in listed:
+                    gone.append(uri)
+    held = (not accept_removals and len(gone) > MASS_REMOVAL_MIN
+            and len(gone) > MASS_REMOVAL_SHARE * in_source)
+    return LookUp(fs_id, len(files), triage(files, known, committed), committed,
+                  fstore.retry_track_ids(fs_id), known, sorted(gone), held)
+
+
+def _keep_earlier_rows(records: list[ProbeRecord], look: LookUp, summary: IngestSummary
+                       ) -> list[ProbeRecord]:
+    """Leave out known files that could not be read this time (gone since the listing, an
+    I/O error): their earlier rows stand, nothing is retired for a passing fault.
+    """
+    keep = []
+    for r in records:
+        if r.retry and r.uri in look.known:
+            summary.errors.append((r.uri, r.stage or "probe",
+                                   f"{r.error} (its earlier row is kept)"))
+        else:
+            keep.append(r)
+    return keep
+
+
+def update_catalogue(fstore: FeatureStore, look: LookUp, records: list[ProbeRecord],
+                     summary: IngestSummary) -> None:
+    """Record what this run saw of the catalogue: the probed files in ``sources``; the tracks
+    of replaced and deleted files retired from the current views
+    (:mod:`featurestore.catalogue`); deleted files marked gone.
+    """
+    probed = {r.uri: r.track_id for r in records}
+    changed = [u for u, t in probed.items()
+               if u in look.known and track_id_of(look.known[u][2]) != t]
+    gone = [] if look.gone_held else look.gone
+    summary.gone_held = len(look.gone) if look.gone_held else 0
+    superseded = orphaned(look.known, probed, [])
+    lost = orphaned(look.known, probed, gone) - superseded
+    run = run_id() or ""
+    if superseded:
+        retire(fstore, superseded, reason="superseded", run=run)
+    if lost:
+        retire(fstore, lost, reason="gone", run=run)
+    summary.superseded, summary.gone = len(changed), len(gone)
+    mark_gone(fstore, gone)
+    fstore.record_sources([
+        {"uri": r.uri, "size_bytes": r.size_bytes, "mtime": r.mtime,
+         "content_hash": r.content_hash, "track_id": r.track_id, "status": "present"}
+        for r in records
+    ])
 
 
 def run_ingest(source: str, store: str, *, config: FeatureConfig | None = None,
                dask_address: str | None = None, n_workers: int | None = None,
                shard_minutes: float = 60.0, progress: bool = True,
-               echo: Echo = None) -> IngestSummary:
+               echo: Echo = None, accept_removals: bool = False) -> IngestSummary:
     """Run the ingest flow on a Dask cluster (an existing one, or a local one started here).
 
     Parameters
@@ -274,19 +367,27 @@ def run_ingest(source: str, store: str, *, config: FeatureConfig | None = None,
         Show progress bars on stderr.
     echo : callable, optional
         Receives the line saying where the Dask cluster and its dashboard are.
+    accept_removals : bool
+        Retire the tracks of missing files even when most of the source is missing (see
+        :data:`MASS_REMOVAL_SHARE`).
     """
     started = time.perf_counter()
     cfg = config or FeatureConfig()
-    look = look_up(FeatureStore(store, create=True), source, cfg)
+    fstore = FeatureStore(store, create=True)
+    look = look_up(fstore, source, cfg, accept_removals=accept_removals)
     if not look.triage.to_probe:  # nothing new: no cluster, no Prefect API, no flow run
         summary = IngestSummary(look.feature_set, files=look.files,
-                                unchanged=look.triage.unchanged,
-                                wall_s=time.perf_counter() - started)
+                                unchanged=look.triage.unchanged)
+        if look.gone:
+            fstore.recover()
+            update_catalogue(fstore, look, [], summary)
+        summary.wall_s = time.perf_counter() - started
         log.info(summary.render())
         return summary
     result: IngestSummary = run_on_cluster(
         ingest_flow, {"source": source, "store": store, "config": cfg.to_dict(),
-                      "shard_minutes": shard_minutes, "progress": progress},
+                      "shard_minutes": shard_minutes, "progress": progress,
+                      "accept_removals": accept_removals},
         dask_address=dask_address, n_workers=n_workers, warm=[(warm_worker, (cfg.to_json(),))],
         echo=echo)
     return result

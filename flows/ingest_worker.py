@@ -20,18 +20,31 @@ import time
 import traceback
 from typing import Any
 
-from featurestore.hashing import content_hash, track_id_of
+from featurestore.hashing import content_hash, file_identity, track_id_of
 from featurestore.sources import SourceFile
 from featurestore.store import FeatureStore
 from featurestore.writer import ShardWriter
 from flows.records import ProbeRecord, ShardBatch, ShardPlan, ShardResult
 from tasks.config import FeatureConfig
-from tasks.decode import audio_format, open_audio, probe, read_blocks
-from tasks.errors import DecodeError
+from tasks.decode import (
+    TRUNCATION_TOLERANCE,
+    AudioInfo,
+    audio_format,
+    declared_duration,
+    open_audio,
+    probe,
+    read_blocks,
+)
+from tasks.errors import DecodeError, SourceUnavailable
+from tasks.faults import failpoint
 from tasks.features import SpectralExtractor
+from tasks.limits import Deadline
 from tasks.track import extract_track, finite_or_none
 
 MAX_ERROR_CHARS = 500
+HASH_ATTEMPTS = 3
+"""Times a file that changes while it is hashed is hashed again before the run gives up on it
+(a transient failure: the next run tries again)."""
 
 
 @functools.lru_cache(maxsize=4)
@@ -78,7 +91,7 @@ def special_file(uri: str) -> str | None:
 
 
 def probe_one(f: SourceFile) -> ProbeRecord:
-    """Hash and probe one file."""
+    """Hash and probe one file; a failure becomes the record's status, never an exception."""
     base: dict[str, Any] = {"uri": f.uri, "size_bytes": f.size_bytes, "mtime": f.mtime}
     kind = special_file(f.uri)
     if kind:  # reading a FIFO blocks forever, a device never ends: never opened
@@ -87,12 +100,13 @@ def probe_one(f: SourceFile) -> ProbeRecord:
                            status="failed", stage="probe",
                            error=f"not a regular file ({kind}): not read")
     try:
-        digest = content_hash(f.uri)
-    except OSError as exc:
+        digest, identity = _stable_hash(f)
+    except SourceUnavailable as exc:
         digest = _digest_of_error(f.uri)  # stable per URI, never a real content hash
         return ProbeRecord(**base, content_hash=digest, track_id=track_id_of(digest),
-                           status="failed", stage="probe", error=_short(f"cannot read: {exc}"))
-    ident: dict[str, Any] = {"content_hash": digest, "track_id": track_id_of(digest)}
+                           status="failed", stage="probe", error=_short(str(exc)), retry=True)
+    ident: dict[str, Any] = {"content_hash": digest, "track_id": track_id_of(digest),
+                             "identity": identity}
     fmt = audio_format(f.uri)
     if fmt is None:
         ext = os.path.splitext(f.uri)[1] or "(none)"
@@ -102,9 +116,30 @@ def probe_one(f: SourceFile) -> ProbeRecord:
         info = probe(f.uri)
     except DecodeError as exc:
         return ProbeRecord(**base, **ident, status="failed", stage="probe", format=fmt,
-                           error=_short(str(exc)))
+                           error=_short(str(exc)), retry=isinstance(exc, SourceUnavailable))
     return ProbeRecord(**base, **ident, status="ok", format=fmt, sample_rate=info.sample_rate,
                        channels=info.channels, duration_s=info.duration_s)
+
+
+def _stable_hash(f: SourceFile) -> tuple[str, str]:
+    """The content hash of ``f`` and its identity, hashed again if the file changed meanwhile.
+
+    Raises
+    ------
+    SourceUnavailable
+        If the file is gone or unreadable, keeps changing, or hashing runs past its limit.
+    """
+    for _ in range(HASH_ATTEMPTS):
+        before = file_identity(f.uri)
+        if before is None:
+            raise SourceUnavailable("file is gone (deleted or moved since it was listed)")
+        try:
+            digest = content_hash(f.uri, deadline=Deadline.for_hashing(f.size_bytes))
+        except OSError as exc:
+            raise SourceUnavailable(f"cannot read: {exc}") from exc
+        if file_identity(f.uri) == before:
+            return digest, before
+    raise SourceUnavailable(f"changed while being read ({HASH_ATTEMPTS} attempts)")
 
 
 def run_batch(store_url: str, config_json: str, batch: ShardBatch) -> list[ShardResult]:
@@ -153,7 +188,9 @@ def run_shard(store_url: str, config_json: str, plan: ShardPlan) -> ShardResult:
     errors: list[tuple[str, str, str]] = []
     try:
         with ShardWriter(store, staged, config, plan.shard_id) as writer:
-            for record in plan.tracks:
+            for i, record in enumerate(plan.tracks):
+                if i:
+                    failpoint("worker.track")
                 failure = _process_track(record, config, extractor, writer)
                 if failure:
                     errors.append((record.uri, *failure))
@@ -177,7 +214,7 @@ def _process_track(record: ProbeRecord, config: FeatureConfig, extractor: Spectr
         "stage": record.stage, "error": record.error, "format": record.format,
         "sample_rate": record.sample_rate, "channels": record.channels,
         "duration_s": record.duration_s, "content_hash": record.content_hash,
-        "size_bytes": record.size_bytes,
+        "size_bytes": record.size_bytes, "retry": record.retry,
     }
     if record.status != "ok":
         writer.fail_track(row)
@@ -186,32 +223,76 @@ def _process_track(record: ProbeRecord, config: FeatureConfig, extractor: Spectr
                                                               record.error or record.status)
     started = time.perf_counter()
     stage = "decode"
+    retry = False
     try:
+        _unchanged(record, "since it was hashed")
+        declared_s, cut = declared_duration(record.uri, AudioInfo(
+            record.sample_rate or 0, record.channels or 0,
+            round((record.duration_s or 0.0) * (record.sample_rate or 0)), "", ""))
         with open_audio(record.uri) as snd:
             writer.begin_track(record.track_id)
             stage = "features"
-            result = extract_track(read_blocks(snd), snd.samplerate, config, extractor,
+            counted = _Counted(read_blocks(snd, deadline=Deadline.for_decoding(
+                record.duration_s)))
+            result = extract_track(counted, snd.samplerate, config, extractor,
                                    writer.add_batch)
+        _unchanged(record, "while being read")
+        decoded_s = counted.frames / snd.samplerate
+        truncated = bool(cut) or (declared_s is not None
+                                  and decoded_s < TRUNCATION_TOLERANCE * declared_s)
         row |= {
             "status": "ok", "stage": None, "error": None, "duration_s": result.duration_s,
             "peak_dbfs": finite_or_none(result.peak_dbfs),
             "rms_dbfs": finite_or_none(result.rms_dbfs),
             "compute_s": time.perf_counter() - started,
-            "processed_at": dt.datetime.now(dt.UTC),
+            "processed_at": dt.datetime.now(dt.UTC), "retry": False,
+            "declared_duration_s": declared_s, "truncated": truncated,
+            "warning": _truncation_note(decoded_s, declared_s, cut) if truncated else None,
         }
         stage = "write"
         writer.end_track(row, result)
         return None
     except DecodeError as exc:
-        error, stage = str(exc), "decode"
-    except MemoryError:
-        error = "out of memory"
+        error, retry = str(exc), isinstance(exc, SourceUnavailable)
+        stage = stage if retry else "decode"
+    except MemoryError:  # the worker's memory, not the file's bytes: tried again
+        error, retry = "out of memory", True
     except Exception as exc:  # a bug or an unforeseen file: recorded, the shard goes on
         error = f"{type(exc).__name__}: {exc} [{_where(exc)}]"
-    row |= {"status": "failed", "stage": stage, "error": _short(error),
+    row |= {"status": "failed", "stage": stage, "error": _short(error), "retry": retry,
             "compute_s": time.perf_counter() - started}
     writer.fail_track(row)
     return (stage, row["error"])
+
+
+class _Counted:
+    """Blocks passed through, their frames counted (the decoded length at the native rate)."""
+
+    def __init__(self, blocks: Any) -> None:
+        self.blocks = blocks
+        self.frames = 0
+
+    def __iter__(self) -> Any:
+        for block in self.blocks:
+            self.frames += block.shape[-1]
+            yield block
+
+
+def _unchanged(record: ProbeRecord, when: str) -> None:
+    """Raise :class:`SourceUnavailable` unless the file is the one that was hashed."""
+    if record.identity is None:
+        return
+    now = file_identity(record.uri)
+    if now is None:
+        raise SourceUnavailable(f"file is gone (deleted or moved {when})")
+    if now != record.identity:
+        raise SourceUnavailable(f"file changed {when}: its features would not match its "
+                                "content hash")
+
+
+def _truncation_note(decoded_s: float, declared_s: float | None, cut: str | None) -> str:
+    said = f" of {declared_s:.2f} s declared" if declared_s else ""
+    return f"truncated: decoded {decoded_s:.2f} s{said}" + (f" ({cut})" if cut else "")
 
 
 def _short(text: str) -> str:

@@ -40,6 +40,8 @@ class ProbeRecord:
     duration_s: float | None = None
     stage: str | None = None
     error: str | None = None
+    identity: str | None = None  # featurestore.hashing.file_identity when it was hashed
+    retry: bool = False  # a transient failure: the next run tries the file again
 
 
 @dataclass(frozen=True)

@@ -19,12 +19,14 @@ from prefect.cache_policies import NO_CACHE
 
 from featurestore.maintenance import compact
 from featurestore.store import FeatureStore
+from featurestore.verify import repair, verify
 from flows.ingest import IngestSummary, ingest_flow
 from flows.neighbours import NeighboursSummary, neighbours_flow
 from flows.records import from_fields
 from flows.runtime import dask_runner
 from flows.score import ScoreSummary, score_flow
 from flows.settings import load
+from tasks.errors import StoreError
 
 SCORE_DEPLOYMENT = "scheduled-score/score-new-tracks"
 """``flow-name/deployment-name`` the nightly ingestion asks to run after it (if deployed)."""
@@ -59,9 +61,15 @@ class ScheduledScoreSummary:
 def scheduled_ingest(source: str | None = None, store: str | None = None,
                      dask_address: str | None = None, workers: int | None = None,
                      shard_minutes: float | None = None, score_after: bool = True,
-                     compact_after: bool = True) -> IngestSummary:
-    """Ingest the catalogue (new and changed files only), compact the store's tables (so a
-    year of nightly runs reads like one big run), then queue the scoring deployment.
+                     compact_after: bool = True, verify_after: bool = True,
+                     repair_damage: bool = False) -> IngestSummary:
+    """Ingest the catalogue (new and changed files, retiring replaced and deleted ones),
+    compact the store's tables (so a year of nightly runs reads like one big run), queue the
+    scoring deployment, then verify the store (:func:`featurestore.verify.verify`).
+
+    A damaged store fails the run, naming the damage and the command that fixes it; with
+    ``repair_damage`` the damaged files are quarantined instead and the next run ingests
+    their tracks again.
     """
     settings = load()
     logger = get_run_logger()
@@ -73,9 +81,29 @@ def scheduled_ingest(source: str | None = None, store: str | None = None,
             progress=False)
     if compact_after:
         compact_task(store)
-    if score_after and summary.ok + summary.failed:
+    if score_after and summary.ok + summary.failed + summary.gone + summary.superseded:
         _queue_scoring(logger)
+    if verify_after:
+        verify_task(store, repair_damage)
     return summary
+
+
+@task(name="verify-store", cache_policy=NO_CACHE)
+def verify_task(store: str, repair_damage: bool = False) -> dict[str, Any]:
+    """Verify every committed file and the tables against each other; raise if damaged."""
+    fstore = FeatureStore(store)
+    report = verify(fstore)
+    logger = get_run_logger()
+    logger.info("%s", report.render())
+    if report.ok:
+        return {"problems": 0}
+    if repair_damage:
+        fixed = repair(fstore)
+        logger.warning("%s", fixed.render())
+        return {"problems": len(report.problems), "repaired": fixed.files_quarantined}
+    raise StoreError(f"store {store} is damaged ({len(report.problems)} problems, listed "
+                     f"above); run `mtag verify --store {store} --repair` to quarantine the "
+                     "damaged files, then `mtag ingest` processes their tracks again")
 
 
 @task(name="compact-store", cache_policy=NO_CACHE)

@@ -18,7 +18,8 @@ import fsspec
 import numpy as np
 import soundfile as sf
 
-from tasks.errors import DecodeError
+from tasks.errors import DecodeError, SourceUnavailable
+from tasks.limits import Deadline
 from tasks.units import Hz
 
 SUPPORTED_EXTENSIONS: dict[str, str] = {
@@ -80,8 +81,10 @@ def open_audio(uri: str) -> Iterator[sf.SoundFile]:
 
     Raises
     ------
+    SourceUnavailable
+        If the file is gone or cannot be opened (tried again by the next run).
     DecodeError
-        If the file is missing, empty, or not decodable audio.
+        If the file is empty or not decodable audio.
     """
     handle: IO[bytes] | None = None
     target: Any = uri
@@ -94,9 +97,12 @@ def open_audio(uri: str) -> Iterator[sf.SoundFile]:
         try:
             snd = sf.SoundFile(target)
         except (sf.LibsndfileError, RuntimeError, TypeError, ValueError) as exc:
+            if isinstance(target, str) and not os.path.exists(target):
+                raise SourceUnavailable("file is gone (deleted or moved since it was "
+                                        "listed)") from exc
             raise DecodeError(_describe(exc, uri)) from exc
         except OSError as exc:
-            raise DecodeError(f"cannot open: {exc}") from exc
+            raise SourceUnavailable(f"cannot open: {exc}") from exc
         with snd:
             if snd.samplerate <= 0 or snd.channels <= 0:
                 raise DecodeError(
@@ -129,8 +135,8 @@ def probe(uri: str) -> AudioInfo:
         return AudioInfo(snd.samplerate, snd.channels, int(snd.frames), snd.format, snd.subtype)
 
 
-def read_blocks(snd: sf.SoundFile, block_frames: int = DEFAULT_BLOCK_FRAMES
-                ) -> Iterator[np.ndarray]:
+def read_blocks(snd: sf.SoundFile, block_frames: int = DEFAULT_BLOCK_FRAMES, *,
+                deadline: Deadline | None = None) -> Iterator[np.ndarray]:
     """Yield the decoded audio of an open file in blocks.
 
     Parameters
@@ -139,6 +145,8 @@ def read_blocks(snd: sf.SoundFile, block_frames: int = DEFAULT_BLOCK_FRAMES
         An open file (see :func:`open_audio`).
     block_frames : int > 0
         Frames per block at the native rate.
+    deadline : Deadline, optional
+        Checked before every block (the consumer's work on a block counts too).
 
     Yields
     ------
@@ -149,8 +157,12 @@ def read_blocks(snd: sf.SoundFile, block_frames: int = DEFAULT_BLOCK_FRAMES
     ------
     DecodeError
         If decoding fails part-way (a truncated or corrupt stream).
+    TimeLimitExceeded
+        If ``deadline`` passes.
     """
     while True:
+        if deadline:
+            deadline.check()
         try:
             data = snd.read(block_frames, dtype="float32", always_2d=True)
         except (sf.LibsndfileError, RuntimeError) as exc:
@@ -160,6 +172,90 @@ def read_blocks(snd: sf.SoundFile, block_frames: int = DEFAULT_BLOCK_FRAMES
         yield np.ascontiguousarray(data.T)
         if data.shape[0] < block_frames:
             return
+
+
+TRUNCATION_TOLERANCE = 0.99
+"""Decoded length below this share of the declared length marks a track truncated (an mp3
+header's length is an estimate; one missing block of a longer file is not noise)."""
+_OGG_TAIL_BYTES = 1 << 17
+
+
+def declared_duration(uri: str, info: AudioInfo) -> tuple[float | None, str | None]:
+    """How long the container says the audio is, and why it may be cut short.
+
+    libsndfile reports a truncated WAV's or Ogg's length from the bytes that are there, so
+    those containers are read directly: a WAV ``data`` chunk declares its size; an Ogg stream
+    ends with a page flagged end-of-stream. For other formats the header's frame count is
+    the declared length (mp3 with a Xing/VBRI header, FLAC's STREAMINFO; an mp3 with neither
+    has no declared length to check against).
+
+    Returns
+    -------
+    (float or None, str or None)
+        Declared seconds (None if the container does not say), and a reason the stream is
+        known to be cut short (None if not).
+    """
+    fmt = audio_format(uri)
+    if fmt not in ("wav", "ogg", "opus"):
+        return info.duration_s, None
+    try:
+        with _open_bytes(uri) as fh:
+            if fmt == "wav":
+                return _wav_declared(fh, info), None
+            if fmt in ("ogg", "opus"):
+                return info.duration_s, _ogg_tail_problem(fh)
+    except OSError:
+        return info.duration_s, None
+    return info.duration_s, None
+
+
+@contextlib.contextmanager
+def _open_bytes(uri: str) -> Iterator[IO[bytes]]:
+    if "://" in uri and not uri.startswith("file://"):
+        with fsspec.open(uri, "rb") as fh:
+            yield fh
+    else:
+        with open(uri.removeprefix("file://"), "rb") as fh:
+            yield fh
+
+
+def _wav_declared(fh: IO[bytes], info: AudioInfo) -> float | None:
+    head = fh.read(12)
+    if len(head) < 12 or head[:4] not in (b"RIFF", b"RF64") or head[8:12] != b"WAVE":
+        return info.duration_s
+    block_align = 0
+    for _ in range(64):  # chunks before "data": fmt, LIST, fact, ...
+        chunk = fh.read(8)
+        if len(chunk) < 8:
+            return info.duration_s
+        cid, size = chunk[:4], int.from_bytes(chunk[4:], "little")
+        if cid == b"fmt ":
+            fmt = fh.read(size + (size & 1))
+            block_align = int.from_bytes(fmt[12:14], "little") if len(fmt) >= 14 else 0
+        elif cid == b"data":
+            if size in (0, 0xFFFFFFFF) or not block_align or not info.sample_rate:
+                return info.duration_s  # streamed WAV or RF64: no usable size
+            return size // block_align / info.sample_rate
+        else:
+            fh.seek(size + (size & 1), os.SEEK_CUR)
+    return info.duration_s
+
+
+def _ogg_tail_problem(fh: IO[bytes]) -> str | None:
+    fh.seek(0, os.SEEK_END)
+    end = fh.tell()
+    fh.seek(max(0, end - _OGG_TAIL_BYTES))
+    tail = fh.read()
+    at = tail.rfind(b"OggS")
+    if at < 0 or len(tail) - at < 27:
+        return "no complete Ogg page at the end"
+    n_segments = tail[at + 26]
+    lacing = tail[at + 27: at + 27 + n_segments]
+    if len(lacing) < n_segments or at + 27 + n_segments + sum(lacing) > len(tail):
+        return "the last Ogg page is cut short"
+    if not tail[at + 5] & 0x04:
+        return "the Ogg stream has no end-of-stream page"
+    return None
 
 
 def _describe(exc: Exception, uri: str) -> str:

@@ -23,3 +23,14 @@ class SchemaError(MtagError):
 
 class StoreError(MtagError):
     """The feature store is missing, locked, or inconsistent."""
+
+
+class SourceUnavailable(DecodeError):
+    """A source file could not be read for a reason outside its bytes: it is gone, cannot be
+    opened, changed while being read, or an I/O error or time limit stopped the read. Tracks
+    that fail this way are tried again by the next run (``retry`` in the tracks table).
+    """
+
+
+class TimeLimitExceeded(SourceUnavailable):
+    """A per-file step ran past its time limit."""

@@ -42,9 +42,10 @@ def test_fsspec_url_source_is_listed_hashed_probed_and_decoded(tmp_path):
     assert result.errors == []
 
 
-def test_unreadable_file_is_a_probe_failure(tmp_path):
+def test_unreadable_file_is_a_probe_failure_tried_again(tmp_path):
     rec = probe_one(SourceFile(str(tmp_path / "gone.wav"), -1, 0.0))
-    assert rec.status == "failed" and rec.stage == "probe" and "cannot read" in rec.error
+    assert rec.status == "failed" and rec.stage == "probe" and "file is gone" in rec.error
+    assert rec.retry  # transient: the next run tries it again
     again = probe_one(SourceFile(str(tmp_path / "gone.wav"), -1, 0.0))
     assert rec.track_id == again.track_id  # stable id for the same URI
 

@@ -59,3 +59,13 @@ def test_retrain_then_score_from_settings(labelled_store, tmp_path, monkeypatch,
     monkeypatch.setenv("MTAG_SOURCE", src.rsplit("/", 1)[0] + "/catalogue")
     ingested = scheduled_ingest(score_after=False)
     assert ingested.unchanged == 48 and ingested.ok == 0
+
+    # the nightly run verifies the store: a damaged file fails it, naming the fix
+    from tasks.errors import StoreError
+
+    fstore = FeatureStore(store)
+    victim = fstore.files(fstore.default_feature_set(), "tensors")[0]
+    with open(victim, "r+b") as fh:
+        fh.truncate(100)
+    with pytest.raises(StoreError, match="mtag verify --store .* --repair"):
+        scheduled_ingest(score_after=False, compact_after=False)
