@@ -1,7 +1,8 @@
 """SQL over the store: DuckDB views named after the tables, and result formatting.
 
 Views: ``tracks``, ``segments`` (summary columns; one feature set, by default the newest with
-commits) and ``sources`` (the latest record of every source URI); ``scores``,
+commits), ``track_tags`` (the files' own tags, from ``tracks``) and ``sources`` (the latest
+record of every source URI); ``scores``,
 ``segment_scores`` and ``neighbours`` of one scored model version (by default the most recently
 scored), ``score_classes`` (the class behind each position of ``probabilities``) and
 ``score_models`` (every scored model version). Views read committed files only (from the
@@ -26,6 +27,7 @@ from featurestore.scores import (
     segment_scores_schema,
 )
 from featurestore.store import FeatureStore
+from tasks.columns import TAG_COLUMNS
 from tasks.errors import ParameterError, StoreError
 
 OUTPUT_FORMATS = ("table", "csv", "json")
@@ -80,6 +82,13 @@ def connect(store: FeatureStore, feature_set: str | None = None, model: str | No
         [pa.field("track_id", pa.string()), pa.field("segment", pa.int32())])
     _parquet_view(con, "segments", store, store.files(fs_id, "segments", version("segments"))
                   if fs_id else [], seg_schema)
+    tag_columns = ", ".join(col for col, _ in TAG_COLUMNS)
+    try:
+        con.execute(f"CREATE VIEW track_tags AS SELECT track_id, path, {tag_columns} "
+                    "FROM tracks")
+    except duckdb.Error:  # a damaged tracks file stopped the footer scan (see _parquet_view)
+        _parquet_view(con, "track_tags", store, [], pa.schema(
+            [TRACKS_SCHEMA.field(c) for c in ("track_id", "path", *dict(TAG_COLUMNS))]))
     _parquet_view(con, "sources_log", store, store.source_files(), SOURCES_SCHEMA)
     con.execute(
         "CREATE VIEW sources AS SELECT * EXCLUDE (rn) FROM (SELECT *, row_number() OVER "

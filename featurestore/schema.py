@@ -18,6 +18,7 @@ from typing import Any
 
 import pyarrow as pa
 
+from tasks.columns import descriptor_fields, tag_fields
 from tasks.config import FeatureConfig
 from tasks.errors import SchemaError
 from tasks.track import summary_columns
@@ -49,6 +50,8 @@ TRACKS_SCHEMA = pa.schema([
     pa.field("declared_duration_s", pa.float64()),
     pa.field("truncated", pa.bool_()),
     pa.field("warning", pa.string()),
+    *descriptor_fields(),
+    *tag_fields(),
 ])
 """Columns added after the first release (``retry`` onwards) are added to existing tables on
 their next commit (:func:`featurestore.tables.ensure_table`); older rows read them as null."""

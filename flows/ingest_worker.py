@@ -25,6 +25,7 @@ from featurestore.sources import SourceFile
 from featurestore.store import FeatureStore
 from featurestore.writer import ShardWriter
 from flows.records import ProbeRecord, ShardBatch, ShardPlan, ShardResult
+from tasks.columns import TAG_COLUMNS
 from tasks.config import FeatureConfig
 from tasks.decode import (
     TRUNCATION_TOLERANCE,
@@ -39,6 +40,7 @@ from tasks.errors import DecodeError, SourceUnavailable
 from tasks.faults import failpoint
 from tasks.features import SpectralExtractor
 from tasks.limits import Deadline
+from tasks.tags import read_tags
 from tasks.track import extract_track, finite_or_none
 
 MAX_ERROR_CHARS = 500
@@ -59,7 +61,13 @@ def warm_worker(config_json: str) -> str:
     """Import the feature stack and build the extractor once in this worker process."""
     import prefect.task_engine  # noqa: F401  (the task engine's own imports)
 
-    _extractor(config_json)
+    extractor = _extractor(config_json)
+    config = extractor.config
+    if config.descriptors:  # compile (or load) the descriptor kernels before the first shard
+        import numpy as np
+
+        extract_track([np.zeros((2, config.sample_rate * 4), np.float32) + 1e-3],
+                      config.sample_rate, config, extractor, lambda batch: None)
     return f"{socket.gethostname()}:{os.getpid()}"
 
 
@@ -248,7 +256,10 @@ def _process_track(record: ProbeRecord, config: FeatureConfig, extractor: Spectr
             "processed_at": dt.datetime.now(dt.UTC), "retry": False,
             "declared_duration_s": declared_s, "truncated": truncated,
             "warning": _truncation_note(decoded_s, declared_s, cut) if truncated else None,
+            **result.descriptors,
         }
+        if config.tags:
+            row |= tag_row(record.uri)
         stage = "write"
         writer.end_track(row, result)
         return None
@@ -263,6 +274,12 @@ def _process_track(record: ProbeRecord, config: FeatureConfig, extractor: Spectr
             "compute_s": time.perf_counter() - started}
     writer.fail_track(row)
     return (stage, row["error"])
+
+
+def tag_row(uri: str) -> dict[str, Any]:
+    """The file's embedded tags as tracks columns (:data:`tasks.columns.TAG_COLUMNS`)."""
+    tags = read_tags(uri)
+    return {col: tags.get(key) for col, key in TAG_COLUMNS}
 
 
 class _Counted:

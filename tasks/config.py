@@ -27,7 +27,9 @@ class FeatureConfig:
     Defaults follow the project's design: 22,050 Hz mono, 3 s windows with a 3 s hop, STFT
     2048/512 Hann, 128 mel bands in dB, 20 MFCC, 12 chroma, spectral statistics.
     ``segment_s`` and ``segment_hop_s`` are rounded to whole STFT frames (see
-    :attr:`segment_frames`), the tail rule is in :mod:`tasks.segment`.
+    :attr:`segment_frames`), the tail rule is in :mod:`tasks.segment`. ``descriptors``: tempo,
+    key and loudness of every track (:mod:`tasks.descriptors`); ``tags``: the file's own tags
+    (:mod:`tasks.tags`); either, switched off, leaves its columns null.
     """
 
     sample_rate: Hz = 22050
@@ -50,6 +52,8 @@ class FeatureConfig:
     contrast_quantile: float = 0.02
     amin: float = 1e-10
     zcr_threshold: float = 1e-10
+    descriptors: bool = True
+    tags: bool = True
 
     def __post_init__(self) -> None:
         self.validate()

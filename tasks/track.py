@@ -11,6 +11,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 
@@ -89,6 +90,9 @@ class TrackResult:
         Summary statistics per segment over its valid frames.
     segment_index, start_s, valid_frames : np.ndarray [shape=(S,)]
         As in :class:`SegmentBatch`, for every segment of the track.
+    descriptors : dict
+        Tempo, key and loudness (:data:`tasks.columns.DESCRIPTOR_COLUMNS`); empty when the
+        config switches them off.
     """
 
     n_samples: int
@@ -99,6 +103,7 @@ class TrackResult:
     segment_index: np.ndarray
     start_s: np.ndarray
     valid_frames: np.ndarray
+    descriptors: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass
@@ -174,17 +179,26 @@ def extract_track(
     resampler = StreamResampler(native_rate, config.sample_rate, quality=config.resample_quality)
     stream = SegmentStream(config, extractor)
     acc = _StatsAccumulator(config)
+    desc = None
+    if config.descriptors:
+        from tasks.descriptors import TrackDescriptors
+
+        desc = TrackDescriptors.for_config(native_rate, config)
 
     def emit(segments: list[Segment]) -> None:
         if not segments:
             return
         for seg in segments:
             acc.add(seg)
+        if desc is not None:
+            desc.push_segments(segments)
         on_batch(_batch(segments, config))
 
     for block in blocks:
         valid_audio(block)
         meter.push(block)
+        if desc is not None:
+            desc.push_block(block)
         emit(stream.push(resampler.push(to_mono(block))))
     emit(stream.push(resampler.finish()))
     emit(stream.finish())
@@ -198,6 +212,7 @@ def extract_track(
         segment_index=index.astype(np.int32),
         start_s=start * config.frame_seconds,
         valid_frames=valid.astype(np.int32),
+        descriptors=desc.finish() if desc is not None else {},
     )
 
 

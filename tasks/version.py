@@ -11,7 +11,7 @@ within the tolerances against librosa that ``tests/tasks/test_features.py`` chec
 
 from importlib import metadata
 
-FEATURE_CODE_VERSION = "features-2"
+FEATURE_CODE_VERSION = "features-3"
 
 try:
     CODE_VERSION = metadata.version("mtag")
