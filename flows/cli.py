@@ -46,7 +46,7 @@ def cmd_ingest(args: argparse.Namespace) -> int:
     summary = run_ingest(
         args.source, args.store, config=_feature_config(args), dask_address=args.dask_address,
         n_workers=args.workers, shard_minutes=args.shard_minutes, progress=not args.no_progress,
-        echo=print,
+        echo=print, accept_removals=args.accept_removals,
     )
     print(summary.render())
     if args.json:
@@ -117,7 +117,11 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    from flows.train import train_flow
+    from tasks.errors import ParameterError
+    from training.labels import read_labels
+
+    read_labels(args.labels, group_column=args.group_column)  # before Prefect, torch, MLflow
+    from flows.train import run_train
     from training.evaluate import render_report
 
     train_config = {k: v for k, v in {
@@ -127,12 +131,16 @@ def cmd_train(args: argparse.Namespace) -> int:
         "crop_frames": args.crop_frames, "patience": args.patience,
         "balance": args.balance or None,
     }.items() if v is not None}
-    params = json.loads(args.model_params) if args.model_params else None
-    summary = train_flow(store=args.store, labels=args.labels, model=args.model,
-                         registered_name=args.registered_name, group_column=args.group_column,
-                         valid_size=args.valid_size, test_size=args.test_size,
-                         train_config=train_config, model_params=params, workdir=args.workdir,
-                         as_of=args.as_of)
+    try:
+        params = json.loads(args.model_params) if args.model_params else None
+    except json.JSONDecodeError as exc:
+        raise ParameterError(f"--model-params is not JSON ({exc}); pass an object such as "
+                             "'{\"channels\": 64}'") from exc
+    summary = run_train(args.store, args.labels, model=args.model,
+                        registered_name=args.registered_name, group_column=args.group_column,
+                        valid_size=args.valid_size, test_size=args.test_size,
+                        train_config=train_config, model_params=params, workdir=args.workdir,
+                        as_of=args.as_of, quiet=not args.verbose)
     best, promo = summary.best, summary.promotion
     print(summary.render())
     print(f"\nbest: {best['model']} (valid macro-F1 {best['valid_macro_f1']:.4f}); registered "
@@ -144,6 +152,9 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
+    from training.labels import read_labels
+
+    read_labels(args.labels)  # a bad file fails before Prefect, torch and MLflow load
     from flows.train import evaluate_model
     from training.evaluate import render_report
 
@@ -226,6 +237,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--segment-hop-s", type=float, dest="segment_hop_s")
     p.add_argument("--no-progress", action="store_true")
     p.add_argument("--json", action="store_true", help="also print the summary as JSON")
+    p.add_argument("--accept-removals", action="store_true",
+                   help="retire missing files' tracks even if most of the source is missing")
     p.set_defaults(func=cmd_ingest)
 
     p = sub.add_parser("query", help="run SQL over the store's views")
@@ -371,6 +384,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         _from_settings(args)
         return int(args.func(args))
     except MtagError as exc:
+        if args.verbose:
+            import traceback
+
+            traceback.print_exc()
         print(f"mtag: error: {exc}", file=sys.stderr)
         return 2
     except BaseException as exc:

@@ -7,11 +7,22 @@ on the same evaluation split (the candidate's test tracks), and the comparison i
 
 Wiring only: the task bodies are in :mod:`flows.train_worker`; the flow logs its progress and
 returns a :class:`TrainSummary` that callers render (it prints nothing).
+
+:func:`run_train` is how the command line trains: :func:`preflight` checks the parameters and
+the labels file against the store *before* a flow run starts (as :func:`flows.ingest.look_up`
+does for ingest), so a bad input is one :class:`~tasks.errors.MtagError` and no Prefect
+traceback; an expected error that only shows inside the run is kept off the console too
+(:func:`quiet_expected_errors`). The flow runs the same checks, for callers that start it
+directly (the schedules).
 """
 
 from __future__ import annotations
 
+import contextlib
+import json
+import logging
 import tempfile
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -23,12 +34,14 @@ from flows.progress import Progress
 from flows.records import from_fields
 from flows.report import publish, run_id
 from flows.train_worker import fit_and_log, register_and_promote
-from tasks.errors import StoreError
+from tasks.errors import MtagError, ParameterError, StoreError
 from training import tracking
 from training.artifact import Predictor
 from training.artifact import load as load_artifact
+from training.labels import DROP_REASONS, read_labels, require_classes
 from training.loop import TrainConfig, pick_device
-from training.trainer import Prepared, evaluate_split, prepare
+from training.split import check_sizes, check_split
+from training.trainer import MODEL_NAMES, Prepared, evaluate_split, prepare
 
 DEFAULT_NAME = "mtag-tagger"
 SMALL_DATA_TRACKS = 300
@@ -60,7 +73,9 @@ class TrainSummary:
     parent_run_id : str
         The MLflow run the candidates' runs are nested under.
     labels : dict
-        Labelled ``tracks``, label rows ``unmatched`` and matched tracks ``failed``.
+        Label ``rows`` read, labelled ``tracks``, and the rows dropped per reason:
+        ``empty_label``, ``no_key``, ``unmatched``, ``failed``, ``duplicate`` (see
+        :meth:`training.labels.LabelSet.counts`).
     labels_report : str
         What matched and what did not (:meth:`training.labels.LabelSet.report`).
     split : dict
@@ -120,11 +135,164 @@ def auto_params(model: str, *, accelerated: bool) -> dict[str, Any] | None:
     return None if accelerated else CPU_AUTO_PARAMS.get(model)
 
 
+def checked_prepare(store: str, labels: str, *, group_column: str | None = None,
+                    valid_size: float = 0.15, test_size: float = 0.15, seed: int = 0,
+                    as_of: str | None = None) -> Prepared:
+    """:func:`training.trainer.prepare`, then refuse a set that cannot train a tagger: one
+    class, or a class too small for a track on each side of the split.
+
+    Raises
+    ------
+    ParameterError
+        For any labels file, split or class problem (the message says what to do).
+    """
+    check_sizes(valid_size, test_size)
+    prep = prepare(store, labels, group_column=group_column, valid_size=valid_size,
+                   test_size=test_size, seed=seed, as_of=as_of)
+    require_classes(prep.labels, labels)
+    check_split(prep.labels.frame, prep.splits, valid_size=valid_size, test_size=test_size,
+                group_column=group_column)
+    return prep
+
+
+def preflight(store: str, labels: str, *, model: str = "auto", group_column: str | None = None,
+              valid_size: float = 0.15, test_size: float = 0.15,
+              train_config: dict[str, Any] | None = None,
+              model_params: dict[str, Any] | None = None, as_of: str | None = None) -> Prepared:
+    """Check what :func:`train_flow` would be given, before any flow run starts.
+
+    The model name, its parameters, the training config and device, the split sizes, then
+    the labels file on its own (missing, empty, not CSV/Parquet, columns) and matched to the
+    store (nothing matching, one class, classes too small to split). Returns the prepared
+    set (the flow prepares its own).
+
+    Raises
+    ------
+    MtagError
+        A :class:`~tasks.errors.ParameterError` (or :class:`~tasks.errors.StoreError`) that
+        says what is wrong and what to do.
+    """
+    if model != "auto" and model not in MODEL_NAMES:
+        raise ParameterError(f"unknown model {model!r} (--model); choose from "
+                             f"{', '.join(MODEL_NAMES)} or auto")
+    if model_params is not None and not isinstance(model_params, dict):
+        raise ParameterError(f"--model-params must be a JSON object such as "
+                             f"'{{\"channels\": 64}}', not {json.dumps(model_params)}")
+    if model_params and model != "auto":
+        _check_model_params(model, model_params)
+    tc = _train_config(train_config)
+    _check_device(tc.device)
+    check_sizes(valid_size, test_size)
+    read_labels(labels, group_column=group_column)  # the file alone first: no store read
+    return checked_prepare(store, labels, group_column=group_column, valid_size=valid_size,
+                           test_size=test_size, seed=tc.seed, as_of=as_of)
+
+
+def run_train(store: str, labels: str, *, model: str = "auto",
+              registered_name: str | None = None, group_column: str | None = None,
+              valid_size: float = 0.15, test_size: float = 0.15,
+              train_config: dict[str, Any] | None = None,
+              model_params: dict[str, Any] | None = None, workdir: str | None = None,
+              as_of: str | None = None, quiet: bool = True) -> TrainSummary:
+    """:func:`preflight`, then :func:`train_flow`; with ``quiet`` an
+    :class:`~tasks.errors.MtagError` raised inside the run is not logged to the console
+    with its traceback (it still reaches the caller, and the run's API logs).
+    """
+    preflight(store, labels, model=model, group_column=group_column, valid_size=valid_size,
+              test_size=test_size, train_config=train_config, model_params=model_params,
+              as_of=as_of)
+    with quiet_expected_errors() if quiet else contextlib.nullcontext():
+        return train_flow(store=store, labels=labels, model=model,
+                          registered_name=registered_name, group_column=group_column,
+                          valid_size=valid_size, test_size=test_size,
+                          train_config=train_config, model_params=model_params,
+                          workdir=workdir, as_of=as_of)
+
+
+class _HideExpected(logging.Filter):
+    """Drops the flow and task run records of an :class:`~tasks.errors.MtagError`: the one
+    with its traceback and the "Finished in state Failed(...)" lines after it.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.seen: set[str] = set()
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if not record.name.startswith(("prefect.flow_runs", "prefect.task_runs")):
+            return True
+        exc = record.exc_info[1] if record.exc_info else None
+        if isinstance(exc, MtagError):
+            self.seen.add(f"{type(exc).__name__}: ")
+            self.seen.add(f"{type(exc).__name__}(")
+            return False
+        if self.seen and record.levelno >= logging.INFO:
+            message = record.getMessage()
+            return not any(mark in message for mark in self.seen)
+        return True
+
+
+@contextlib.contextmanager
+def quiet_expected_errors() -> Iterator[None]:
+    """Keep Prefect's console handlers from printing an expected error's traceback."""
+    from prefect.logging.handlers import PrefectConsoleHandler
+
+    hide = _HideExpected()
+    handlers = {h for name in ("", "prefect", "prefect.flow_runs", "prefect.task_runs")
+                for h in logging.getLogger(name).handlers
+                if isinstance(h, PrefectConsoleHandler)}
+    for handler in handlers:
+        handler.addFilter(hide)
+    try:
+        yield
+    finally:
+        for handler in handlers:
+            handler.removeFilter(hide)
+
+
+def _train_config(train_config: dict[str, Any] | None) -> TrainConfig:
+    try:
+        return TrainConfig(**(train_config or {}))
+    except TypeError as exc:
+        raise ParameterError(f"bad training option: {exc}") from exc
+
+
+def _check_model_params(model: str, params: dict[str, Any]) -> None:
+    """Refuse ``--model-params`` fields a network's config does not have."""
+    from training.models import MODEL_CONFIGS
+
+    if model not in MODEL_CONFIGS:
+        return  # the classic models read the keys they know
+    try:
+        MODEL_CONFIGS[model](**params)
+    except (TypeError, ValueError) as exc:
+        raise ParameterError(f"--model-params do not fit model {model!r}: {exc}") from exc
+
+
+def _first_line(text: str) -> str:
+    return (text.strip().splitlines() or [""])[0]
+
+
+def _check_device(name: str | None) -> None:
+    if not name:
+        return
+    import torch
+
+    try:
+        device = torch.device(name)
+    except (RuntimeError, ValueError) as exc:
+        raise ParameterError(f"--device {name!r} is not a torch device (cpu, cuda, "
+                             f"cuda:1...)") from exc
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ParameterError(f"--device {name}: no CUDA device is available here; leave "
+                             "--device out to train on the CPU")
+
+
 @task(name="prepare-labels", cache_policy=NO_CACHE)
 def prepare_task(store: str, labels: str, group_column: str | None, valid_size: float,
                  test_size: float, seed: int, as_of: str | None = None) -> Prepared:
-    return prepare(store, labels, group_column=group_column, valid_size=valid_size,
-                   test_size=test_size, seed=seed, as_of=as_of)
+    return checked_prepare(store, labels, group_column=group_column, valid_size=valid_size,
+                           test_size=test_size, seed=seed, as_of=as_of)
 
 
 @task(name="fit-model", cache_policy=NO_CACHE, task_run_name="fit-{model}")
@@ -162,6 +330,11 @@ def train_flow(store: str, labels: str, model: str = "auto", registered_name: st
     logger.info("training set: feature set %s at table versions %s", prep.feature_set,
                 prep.versions)
     logger.info("%s", prep.labels.report())
+    dropped = {k: n for k, n in prep.labels.dropped().items() if n}
+    if dropped:
+        logger.warning("%d of %d label rows dropped: %s", sum(dropped.values()),
+                       prep.labels.counts()["rows"],
+                       ", ".join(f"{n} {DROP_REASONS[k]}" for k, n in dropped.items()))
     logger.info("%s", split_line(prep.split_counts()))
     tracking.configure(FeatureStore(store))
     exp = tracking.experiment(prep.store, name)
@@ -183,8 +356,7 @@ def train_flow(store: str, labels: str, model: str = "auto", registered_name: st
     summary = TrainSummary(
         registered_name=name, best=best, candidates=results, promotion=decision,
         parent_run_id=parent_id,
-        labels={"tracks": len(prep.labels.frame), "unmatched": len(prep.labels.unmatched),
-                "failed": len(prep.labels.failed)},
+        labels=prep.labels.counts(),
         labels_report=prep.labels.report(), split=prep.split_counts())
     _publish(summary)
     return summary
@@ -213,6 +385,8 @@ def _publish(summary: TrainSummary) -> None:
         "promotion": ("promoted to @champion" if decision["promoted"] else
                       "champion unchanged") + f": {decision['reason']}",
         "best model": best["model"], "labelled tracks": summary.labels["tracks"],
+        "label rows dropped": sum(v for k, v in summary.labels.items()
+                                  if k not in ("rows", "tracks")),
         "test accuracy": best["test"].get("accuracy"), "test macro-F1":
         best["test"].get("macro_f1"), "MLflow run": summary.parent_run_id},
         [{"model": r["model"], "valid macro-F1": r["valid_macro_f1"],
@@ -223,12 +397,35 @@ def _publish(summary: TrainSummary) -> None:
 
 def evaluate_model(store: str, labels: str, model_uri: str, *, split: str | None = None
                    ) -> tuple[dict[str, Any], dict[str, Any], Predictor]:
-    """Track- and segment-level reports of a registered model on a labelled store."""
+    """Track- and segment-level reports of a registered model on a labelled store.
+
+    The labels file is checked first (as :func:`preflight` does), then the model is loaded.
+
+    Raises
+    ------
+    MtagError
+        For a bad labels file, a model URI that names no registered model, or a model whose
+        feature set the store lacks.
+    """
     from featurestore.store import FeatureStore
 
+    read_labels(labels)
+    if not model_uri.startswith("models:/"):
+        raise ParameterError(f"--model-uri {model_uri!r} is not a registered model URI: use "
+                             "models:/NAME@ALIAS or models:/NAME/VERSION")
     fstore = FeatureStore(store)
     tracking.configure(fstore)
-    predictor = load_artifact(tracking.load_artifact_dir(model_uri))
+    try:
+        artifact_dir = tracking.load_artifact_dir(model_uri)
+    except Exception as exc:
+        # MlflowException (mlflow is imported only by training/tracking.py): no such model,
+        # alias or version
+        if not type(exc).__module__.startswith("mlflow"):
+            raise
+        raise ParameterError(f"cannot load model {model_uri} from the MLflow registry "
+                             f"({_first_line(str(exc))}); check its name and alias or "
+                             "version in the MLflow UI") from exc
+    predictor = load_artifact(artifact_dir)
     fs = predictor.meta["feature_set"]
     if fs not in {r["feature_set"] for r in fstore.feature_sets()}:
         raise StoreError(f"model {model_uri} was trained on feature set {fs}, which store "

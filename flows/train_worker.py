@@ -40,6 +40,7 @@ def fit_and_log(prep: Prepared, model: str, workdir: str, train_config: TrainCon
             "classes": prep.labels.classes, "multi_label": prep.labels.multi_label,
             "split": prep.split_counts(), "seed": train_config.seed,
             "code_version": CODE_VERSION, "table_versions": prep.versions,
+            "label_rows": prep.labels.counts(),  # rows read, tracks kept, dropped per reason
         })
         out = fit_candidate(prep, model, workdir, train_config=train_config,
                             model_params=model_params,

@@ -67,5 +67,5 @@ def test_retrain_then_score_from_settings(labelled_store, tmp_path, monkeypatch,
     victim = fstore.files(fstore.default_feature_set(), "tensors")[0]
     with open(victim, "r+b") as fh:
         fh.truncate(100)
-    with pytest.raises(StoreError, match="mtag verify --store .* --repair"):
+    with pytest.raises(StoreError, match=r"mtag verify --store .* --repair"):
         scheduled_ingest(score_after=False, compact_after=False)
