@@ -43,7 +43,16 @@ def _render_one(row: dict) -> str:
     os.makedirs(os.path.dirname(path), exist_ok=True)
     tmp = f"{path}.part"
     fmt = {"ogg": "OGG", "mp3": "MP3", "flac": "FLAC", "wav": "WAV"}[row["ext"]]
-    sf.write(tmp, np.asarray(y).T, sr, format=fmt)
+    data = np.asarray(y).T
+    with sf.SoundFile(tmp, "w", sr, data.shape[1], format=fmt) as fh:
+        # tags as a label's files carry them: the style is the genre (`--labels-from-tag`)
+        fh.title = f"{row['style']} {row['instrument']} {row['seed']}"
+        fh.artist = f"Demo Ensemble {row['seed'] % 9 + 1}"
+        fh.album = f"mtag demo: {row['style']}"
+        fh.genre = row["style"]
+        fh.date = "2026"
+        fh.tracknumber = str(row["seed"] % 20 + 1)
+        fh.write(data)
     os.replace(tmp, path)
     return path
 
