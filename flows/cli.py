@@ -118,9 +118,13 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 def cmd_train(args: argparse.Namespace) -> int:
     from tasks.errors import ParameterError
-    from training.labels import read_labels
+    from training.labels import TAG_SOURCE, read_labels, tag_source
 
-    read_labels(args.labels, group_column=args.group_column)  # before Prefect, torch, MLflow
+    if args.labels_from_tag:
+        args.labels = f"{TAG_SOURCE}{args.labels_from_tag}"
+        tag_source(args.labels)
+    else:  # before Prefect, torch and MLflow load
+        read_labels(args.labels, group_column=args.group_column)
     from flows.train import run_train
     from training.evaluate import render_report
 
@@ -257,7 +261,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("train", help="train a tagger on labelled tracks; register in MLflow")
     p.add_argument("--store", help=STORE_HELP)
-    p.add_argument("--labels", required=True, help="CSV/Parquet: path|track_id, label[, split]")
+    source = p.add_mutually_exclusive_group(required=True)
+    source.add_argument("--labels", help="CSV/Parquet: path|track_id, label[, split]")
+    source.add_argument("--labels-from-tag", metavar="TAG",
+                        help="labels from the files' own tags, e.g. genre (with "
+                             "--group-column artist: one artist never on both split sides)")
     p.add_argument("--model", default="auto",
                    help="cnn, mfcc_cnn, crnn, short_chunk_resnet, linear, gbm or auto")
     p.add_argument("--registered-name", help="MLflow registered model (default mtag-tagger)")

@@ -38,7 +38,7 @@ from tasks.errors import MtagError, ParameterError, StoreError
 from training import tracking
 from training.artifact import Predictor
 from training.artifact import load as load_artifact
-from training.labels import DROP_REASONS, read_labels, require_classes
+from training.labels import DROP_REASONS, read_labels, require_classes, tag_source
 from training.loop import TrainConfig, pick_device
 from training.split import check_sizes, check_split
 from training.trainer import MODEL_NAMES, Prepared, evaluate_split, prepare
@@ -183,7 +183,8 @@ def preflight(store: str, labels: str, *, model: str = "auto", group_column: str
     tc = _train_config(train_config)
     _check_device(tc.device)
     check_sizes(valid_size, test_size)
-    read_labels(labels, group_column=group_column)  # the file alone first: no store read
+    if tag_source(labels) is None:
+        read_labels(labels, group_column=group_column)  # the file alone first: no store read
     return checked_prepare(store, labels, group_column=group_column, valid_size=valid_size,
                            test_size=test_size, seed=tc.seed, as_of=as_of)
 

@@ -252,6 +252,68 @@ def read_labels(path: str, *, group_column: str | None = None) -> pd.DataFrame:
     return kept
 
 
+TAG_SOURCE = "tag:"
+"""A labels source ``tag:<column>`` takes the labels from the files' own tags (``tracks``
+columns such as ``genre``) instead of a labels file (``mtag train --labels-from-tag``)."""
+
+
+def tag_source(labels: str) -> str | None:
+    """The tag column a ``tag:<column>`` labels source names, else None.
+
+    Raises
+    ------
+    ParameterError
+        If the column is not one of the tag columns.
+    """
+    if not labels.startswith(TAG_SOURCE):
+        return None
+    from tasks.columns import TAG_COLUMNS
+
+    column = labels[len(TAG_SOURCE):]
+    names = [c for c, _ in TAG_COLUMNS if c != "tags_error"]
+    if column not in names:
+        raise ParameterError(f"--labels-from-tag {column!r} is not a tag column; choose from "
+                             f"{', '.join(names)}")
+    return column
+
+
+def labels_from_tags(tracks: pd.DataFrame, column: str, *, group_column: str | None = None
+                     ) -> pd.DataFrame:
+    """Labels from a tag column of ``tracks`` (one row per track), as :func:`read_labels`
+    returns them from a file: values normalised (:func:`tasks.tags.normalise_tag_values`:
+    case, spacing, multi-valued tags split), tracks without a value dropped and counted.
+
+    ``group_column`` names a tag column too (``artist``): normalised the same way, so one
+    artist never sits on both sides of a split however its name is spelt; a track without
+    one is a group of its own.
+
+    Raises
+    ------
+    ParameterError
+        If no ok track has a value in ``column`` (or ``group_column`` is not a tag column).
+    """
+    from tasks.tags import normalise_tag_values
+
+    if group_column:
+        tag_source(TAG_SOURCE + group_column)
+    ok = tracks[tracks["status"] == "ok"].reset_index(drop=True)
+    out = pd.DataFrame({"key_kind": "track_id", "key": ok["track_id"].to_numpy()})
+    out["labels"] = [normalise_tag_values(v) for v in ok[column]]
+    if group_column:
+        out["group"] = [(" ".join(normalise_tag_values(g, "\x00;")) or f"track:{t}")
+                        for g, t in zip(ok[group_column], ok["track_id"], strict=True)]
+    empty = (out["labels"].map(len) == 0).to_numpy()
+    if empty.all():
+        raise ParameterError(f"no ingested ok track has a {column!r} tag ({len(ok)} tracks): "
+                             f"check `mtag query \"SELECT {column}, count(*) FROM track_tags "
+                             "GROUP BY 1\"`, or give a labels file (--labels)")
+    kept = out[~empty].reset_index(drop=True)
+    kept.attrs = {"rows": len(out), "source": TAG_SOURCE + column, "dropped": {
+        "empty_label": [p for p, e in zip(ok["path"], empty, strict=True) if e],
+        "no_key": []}}
+    return kept
+
+
 def match_labels(labels: pd.DataFrame, tracks: pd.DataFrame, sources: pd.DataFrame) -> LabelSet:
     """Match label rows to tracks by track id or source URI.
 

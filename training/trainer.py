@@ -26,7 +26,7 @@ from training import artifact
 from training.classic import CLASSIC_MODELS, build_classic, fit_classic
 from training.data import SegmentDataset, SplitRows, row_statistics, split_rows, summary_frame
 from training.evaluate import confidence_threshold, report
-from training.labels import LabelSet, match_labels, read_labels
+from training.labels import LabelSet, labels_from_tags, match_labels, read_labels, tag_source
 from training.loop import (
     TrainConfig,
     TrainResult,
@@ -115,13 +115,17 @@ def prepare(store_url: str, labels_path: str, *, feature_set: str | None = None,
     store = FeatureStore(store_url)
     fs = feature_set or store.default_feature_set()
     versions = store.versions_as_of(fs, as_of)
+    tag = tag_source(labels_path)
+    extra = "".join(f", {c}" for c in dict.fromkeys([tag, group_column]) if c) if tag else ""
     con = connect(store, fs, as_of=versions)
     try:
-        tracks = run_query(con, "SELECT track_id, path, status FROM tracks").to_pandas()
+        tracks = run_query(con, f"SELECT track_id, path, status{extra} FROM tracks").to_pandas()
         sources = run_query(con, "SELECT uri, track_id FROM sources").to_pandas()
     finally:
         con.close()
-    labels = match_labels(read_labels(labels_path, group_column=group_column), tracks, sources)
+    rows = (labels_from_tags(tracks, tag, group_column=group_column) if tag else
+            read_labels(labels_path, group_column=group_column))
+    labels = match_labels(rows, tracks, sources)
     splits = split_tracks(labels.frame, valid_size=valid_size, test_size=test_size, seed=seed)
     labels.frame["split"] = splits.to_numpy()
     return Prepared(store, fs, labels, splits, versions)
