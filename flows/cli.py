@@ -147,7 +147,9 @@ def cmd_train(args: argparse.Namespace) -> int:
                         as_of=args.as_of, quiet=not args.verbose)
     best, promo = summary.best, summary.promotion
     print(summary.render())
-    print(f"\nbest: {best['model']} (valid macro-F1 {best['valid_macro_f1']:.4f}); registered "
+    chosen_on = (f"CV macro-F1 {best['cv']['mean']:.4f} ± {best['cv']['std']:.4f}"
+                 if best.get("cv") else f"valid macro-F1 {best['valid_macro_f1']:.4f}")
+    print(f"\nbest: {best['model']} ({chosen_on}); registered "
           f"{summary.registered_name} v{promo['version']} as @candidate; "
           f"{'promoted to @champion' if promo['promoted'] else 'champion unchanged'} "
           f"({promo['reason']})")

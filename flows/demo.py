@@ -144,7 +144,7 @@ def _show(con: duckdb.DuckDBPyConnection, store: str, queries: list[tuple[str, s
 
 
 def _train(store: str, labels: str) -> None:
-    from flows.train import split_line, train_flow
+    from flows.train import candidate_line, selection_line, split_line, train_flow
     from training.evaluate import render_report
 
     print(f"\n$ mtag train --store {store} --labels {labels} --model auto "
@@ -154,8 +154,9 @@ def _train(store: str, labels: str) -> None:
     print(summary.labels_report)
     print(split_line(summary.split))
     for cand in summary.candidates:
-        print(f"  {cand['model']:20s} valid macro-F1 {cand['valid_macro_f1']:.3f}   "
-              f"test accuracy {cand['test']['accuracy']:.3f}   {cand['train_seconds']:.0f} s")
+        print(f"{candidate_line(cand)}, {cand['train_seconds']:.0f} s")
+    if summary.selection:
+        print(selection_line(summary.selection))
     promo = summary.promotion
     print(f"best: {summary.best['model']} -> {DEMO_MODEL} v{promo['version']} "
           f"({'now @champion' if promo['promoted'] else 'champion unchanged'}: "

@@ -90,7 +90,8 @@ def _score_shard(store: FeatureStore, model: ScoredModel, predictor: Any, shard:
     seg_ids = seg["track_id"].to_numpy(zero_copy_only=False)
     seg_no = seg["segment"].to_numpy()
     if predictor.input == "summary":
-        frame = seg.select(summary_cols).to_pandas()
+        # track_id and segment too: a track-pooled classic model pools each track's rows
+        frame = seg.select(["track_id", "segment", *summary_cols]).to_pandas()
         probs, emb = predictor.predict(frame, embeddings=True)
         ids, numbers = seg_ids, seg_no
     else:

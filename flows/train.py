@@ -1,9 +1,13 @@
 """The ``train_flow`` flow: prepare → fit candidates → evaluate → register → promote.
 
 Each fit is an MLflow run (nested under one parent run per invocation) in the experiment named
-after the registered model. The best candidate on validation macro-F1 is registered and gets
-alias ``candidate``; alias ``champion`` moves only if the candidate beats the current champion
-on the same evaluation split (the candidate's test tracks), and the comparison is logged.
+after the registered model. ``--model auto`` on fewer than
+:data:`~training.select.CV_MAX_TRACKS` labelled tracks cross-validates its candidates over
+train + valid and keeps the cheapest within one standard error of the best
+(:func:`training.select.choose`), refitted on train + valid; on more, the best candidate on
+validation macro-F1. The chosen one is registered and gets alias ``candidate``; alias
+``champion`` moves only if the candidate beats the current champion on the same evaluation
+split (the candidate's test tracks), and the comparison is logged.
 
 Wiring only: the task bodies are in :mod:`flows.train_worker`; the flow logs its progress and
 returns a :class:`TrainSummary` that callers render (it prints nothing).
@@ -23,7 +27,7 @@ import json
 import logging
 import tempfile
 from collections.abc import Iterator
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import numpy as np
@@ -40,6 +44,7 @@ from training.artifact import Predictor
 from training.artifact import load as load_artifact
 from training.labels import DROP_REASONS, read_labels, require_classes, tag_source
 from training.loop import TrainConfig, pick_device
+from training.select import CV_MAX_TRACKS, choose, cv_folds, folds_per_repeat
 from training.split import check_sizes, check_split
 from training.trainer import MODEL_NAMES, Prepared, evaluate_split, prepare
 
@@ -80,6 +85,11 @@ class TrainSummary:
         What matched and what did not (:meth:`training.labels.LabelSet.report`).
     split : dict
         Tracks per split.
+    selection : dict
+        How ``best`` was chosen: ``regime`` (``cv`` or ``holdout``), ``rule``, ``chosen``
+        and, for ``cv``, ``best`` (highest mean), ``bar``, ``folds``, ``repeats`` and
+        ``table`` (per candidate ``model``, ``mean``, ``std``, ``se``, ``n``; see
+        :func:`training.select.choose`).
     """
 
     registered_name: str
@@ -90,6 +100,7 @@ class TrainSummary:
     labels: dict[str, int]
     labels_report: str
     split: dict[str, int]
+    selection: dict[str, Any] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
         """Plain (JSON-ready) dict of the fields."""
@@ -101,9 +112,10 @@ class TrainSummary:
         return from_fields(cls, data)
 
     def render(self) -> str:
-        """The labels report, the split and one line per candidate."""
+        """The labels report, the split, one line per candidate and how one was chosen."""
         return "\n".join([self.labels_report, split_line(self.split),
-                          *(candidate_line(c) for c in self.candidates)])
+                          *(candidate_line(c) for c in self.candidates),
+                          *([selection_line(self.selection)] if self.selection else [])])
 
 
 def split_line(counts: dict[str, int]) -> str:
@@ -112,10 +124,26 @@ def split_line(counts: dict[str, int]) -> str:
 
 
 def candidate_line(result: dict[str, Any]) -> str:
-    """One candidate's validation macro-F1 and test accuracy and macro-F1."""
-    return (f"  {result['model']}: valid macro-F1 {result['valid_macro_f1']:.4f}, test "
-            f"accuracy {result['test']['accuracy']:.4f}, macro-F1 "
-            f"{result['test']['macro_f1']:.4f}")
+    """One candidate's validation (or cross-validation) macro-F1, test accuracy, macro-F1
+    and calibration error.
+    """
+    cv = result.get("cv")
+    chosen_on = (f"CV macro-F1 {cv['mean']:.4f} ± {cv['std']:.4f} (SE {cv['se']:.4f}, "
+                 f"{len(cv['scores'])} folds)" if cv else
+                 f"valid macro-F1 {result['valid_macro_f1']:.4f}")
+    test = result["test"]
+    ece = f", ECE {test['ece']:.3f}" if "ece" in test else ""
+    return (f"  {result['model']}: {chosen_on}, test accuracy {test['accuracy']:.4f}, "
+            f"macro-F1 {test['macro_f1']:.4f}{ece}")
+
+
+def selection_line(selection: dict[str, Any]) -> str:
+    """Which candidate was kept, and by what rule."""
+    if selection.get("regime") != "cv":
+        return f"chosen: {selection.get('chosen')} ({selection.get('rule')})"
+    return (f"chosen: {selection['chosen']} ({selection['rule']}: best mean "
+            f"{selection['best']}, bar {selection['bar']:.4f}; {selection['folds']}-fold × "
+            f"{selection['repeats']} over train + valid, refitted on both)")
 
 
 def auto_candidates(n_tracks: int, *, accelerated: bool = False) -> list[str]:
@@ -128,6 +156,21 @@ def auto_candidates(n_tracks: int, *, accelerated: bool = False) -> list[str]:
         return base
     return [*base, "crnn", "short_chunk_resnet"] if accelerated else [
         *base, "short_chunk_resnet"]
+
+
+def cv_candidates(n_tracks: int, *, accelerated: bool = False) -> list[str]:
+    """Models ``--model auto`` cross-validates below :data:`CV_MAX_TRACKS` tracks: on a GPU
+    those of :func:`auto_candidates`; on CPU the classic models and the cheapest network
+    (``mfcc_cnn``): each fold is a full training run, and five of them per network would
+    cost the CNN and the ResNet more time than the whole holdout ``auto``.
+    """
+    return auto_candidates(n_tracks, accelerated=True) if accelerated else [
+        "linear", "gbm", "mfcc_cnn"]
+
+
+def uses_cv(model: str, n_tracks: int) -> bool:
+    """Whether a run chooses by cross-validation: ``auto`` below :data:`CV_MAX_TRACKS`."""
+    return model == "auto" and n_tracks < CV_MAX_TRACKS
 
 
 def auto_params(model: str, *, accelerated: bool) -> dict[str, Any] | None:
@@ -298,8 +341,9 @@ def prepare_task(store: str, labels: str, group_column: str | None, valid_size: 
 
 @task(name="fit-model", cache_policy=NO_CACHE, task_run_name="fit-{model}")
 def fit_task(prep: Prepared, model: str, workdir: str, train_config: TrainConfig,
-             model_params: dict[str, Any] | None, name: str) -> dict[str, Any]:
-    return fit_and_log(prep, model, workdir, train_config, model_params, name)
+             model_params: dict[str, Any] | None, name: str,
+             folds: list[Any] | None = None) -> dict[str, Any]:
+    return fit_and_log(prep, model, workdir, train_config, model_params, name, folds)
 
 
 @task(name="register-and-promote", cache_policy=NO_CACHE)
@@ -316,12 +360,18 @@ def train_flow(store: str, labels: str, model: str = "auto", registered_name: st
                group_column: str | None = None, valid_size: float = 0.15,
                test_size: float = 0.15, train_config: dict[str, Any] | None = None,
                model_params: dict[str, Any] | None = None, workdir: str | None = None,
-               as_of: str | None = None) -> TrainSummary:
+               as_of: str | None = None, candidates: list[str] | None = None
+               ) -> TrainSummary:
     """Train, evaluate, register and promote; return a :class:`TrainSummary`.
 
     ``as_of`` rebuilds a past training set: a ``tracks`` table version or an ISO timestamp
-    (the versions read are logged with every run either way).
+    (the versions read are logged with every run either way). ``candidates`` replaces the
+    models ``auto`` tries (cheapest first, e.g. ``["linear", "gbm"]``).
     """
+    if candidates is not None and (model != "auto" or not candidates or
+                                   set(candidates) - set(MODEL_NAMES)):
+        raise ParameterError(f"candidates {candidates!r} need --model auto and names from "
+                             f"{', '.join(MODEL_NAMES)}")
     from featurestore.store import FeatureStore
 
     logger = get_run_logger()
@@ -340,42 +390,71 @@ def train_flow(store: str, labels: str, model: str = "auto", registered_name: st
     tracking.configure(FeatureStore(store))
     exp = tracking.experiment(prep.store, name)
     accelerated = pick_device(tc.device).type != "cpu"
-    candidates = auto_candidates(len(prep.labels.frame), accelerated=accelerated) \
-        if model == "auto" else [model]
+    n_tracks = len(prep.labels.frame)
+    cv = uses_cv(model, n_tracks)
+    if model != "auto":
+        candidates = [model]
+    elif not candidates:
+        candidates = (cv_candidates if cv else auto_candidates)(n_tracks,
+                                                                accelerated=accelerated)
     params = {c: model_params if model != "auto" else auto_params(c, accelerated=accelerated)
               for c in candidates}
+    folds = cv_folds(prep.labels.frame, prep.splits, seed=tc.seed) if cv else None
     work = workdir or tempfile.mkdtemp(prefix="mtag-train-")
     flow_run = run_id()
     logger.info("flow run %s: training %s on %s", flow_run, model, store)
     with tracking.parent_run(exp, f"train-{model}", {"prefect_flow_run_id": flow_run}
                              if flow_run else None) as parent_id:
-        results = _fit_candidates(prep, params, work, tc, name)
-        best = max(results, key=lambda r: (np.nan_to_num(r["valid_macro_f1"], nan=-1.0),
-                                           -candidates.index(r["model"])))
-        tracking.log_params({"best_model": best["model"], "candidates": candidates})
+        results = _fit_candidates(prep, params, work, tc, name, folds)
+        best, selection = _select(results, candidates, folds)
+        logger.info("%s", selection_line(selection))
+        tracking.log_params({"best_model": best["model"], "candidates": candidates,
+                             "selection": selection["regime"]})
+        tracking.log_metrics({f"cv_{row['model']}_{k}": row[k] for row in
+                              selection.get("table", []) for k in ("mean", "std", "se")})
+        tracking.log_document(selection, "model_choice.json")
         decision = promote_task(prep, best, name)
     summary = TrainSummary(
         registered_name=name, best=best, candidates=results, promotion=decision,
         parent_run_id=parent_id,
         labels=prep.labels.counts(),
-        labels_report=prep.labels.report(), split=prep.split_counts())
+        labels_report=prep.labels.report(), split=prep.split_counts(), selection=selection)
     _publish(summary)
     return summary
 
 
 def _fit_candidates(prep: Prepared, params: dict[str, dict[str, Any] | None], work: str,
-                    tc: TrainConfig, name: str) -> list[dict[str, Any]]:
-    """Fit each model of ``params`` (model → config overrides) in turn; their results."""
+                    tc: TrainConfig, name: str, folds: list[Any] | None = None
+                    ) -> list[dict[str, Any]]:
+    """Fit each model of ``params`` (model → config overrides) in turn (cross-validated first
+    with ``folds``); their results.
+    """
     logger = get_run_logger()
     results = []
     with Progress("train", total=len(params), unit="models", enabled=True) as bar:
         for cand, cand_params in params.items():
             logger.info("training %s ...", cand)
-            res = fit_task(prep, cand, work, tc, cand_params, name)
+            res = fit_task(prep, cand, work, tc, cand_params, name, folds)
             logger.info("%s", candidate_line(res))
             results.append(res)
             bar.advance(1)
     return results
+
+
+def _select(results: list[dict[str, Any]], candidates: list[str], folds: list[Any] | None
+            ) -> tuple[dict[str, Any], dict[str, Any]]:
+    """The result to register and how it was chosen (see :attr:`TrainSummary.selection`)."""
+    if folds:
+        k = folds_per_repeat(folds)
+        choice = choose({r["model"]: r["cv"]["scores"] for r in results}, k)
+        best = next(r for r in results if r["model"] == choice["chosen"])
+        return best, {"regime": "cv", **choice, "folds": k,
+                      "repeats": max(r["cv"]["repeats"] for r in results)}
+    best = max(results, key=lambda r: (np.nan_to_num(r["valid_macro_f1"], nan=-1.0),
+                                       -candidates.index(r["model"])))
+    return best, {"regime": "holdout", "chosen": best["model"],
+                  "rule": "highest validation macro-F1" if len(results) > 1 else
+                  "the one model asked for"}
 
 
 def _publish(summary: TrainSummary) -> None:
@@ -391,6 +470,7 @@ def _publish(summary: TrainSummary) -> None:
         "test accuracy": best["test"].get("accuracy"), "test macro-F1":
         best["test"].get("macro_f1"), "MLflow run": summary.parent_run_id},
         [{"model": r["model"], "valid macro-F1": r["valid_macro_f1"],
+          "CV std": (r.get("cv") or {}).get("std"),
           "test accuracy": r["test"].get("accuracy"), "test macro-F1":
           r["test"].get("macro_f1"), "train s": r["train_seconds"]}
          for r in summary.candidates])

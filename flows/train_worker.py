@@ -18,21 +18,28 @@ import numpy as np
 from tasks.version import CODE_VERSION
 from training import tracking
 from training.artifact import load as load_artifact
-from training.evaluate import confusion_png, curves_png, render_report
+from training.evaluate import confusion_png, curves_png, reliability_png, render_report
 from training.loop import TrainConfig
+from training.select import CVResult, cross_validate, refit_split
 from training.trainer import FitOutput, Prepared, evaluate_split, fit_candidate
 
 
 def fit_and_log(prep: Prepared, model: str, workdir: str, train_config: TrainConfig,
-                model_params: dict[str, Any] | None, name: str) -> dict[str, Any]:
+                model_params: dict[str, Any] | None, name: str,
+                folds: list[Any] | None = None) -> dict[str, Any]:
     """Fit ``model`` in a child run of the active run: params, epochs, reports, plots, model.
+
+    With ``folds`` (:func:`training.select.cv_folds`) the candidate is cross-validated over
+    train + valid first, then refitted on train + valid (a network for the epoch count CV
+    found) and calibrated on its out-of-fold predictions.
 
     Returns
     -------
     dict
-        ``model``, ``run_id``, ``model_uri``, ``valid_macro_f1``, ``test`` (the test-track
-        report), ``artifact_dir``, ``segments_per_s``, ``train_seconds``, ``data_wait_share``
-        and ``registered_name``.
+        ``model``, ``run_id``, ``model_uri``, ``valid_macro_f1`` (with ``folds``: the CV
+        mean), ``cv`` (with ``folds``: :meth:`training.select.CVResult.summary`), ``test``
+        (the test-track report), ``calibration``, ``train_tracks``, ``artifact_dir``,
+        ``segments_per_s``, ``train_seconds``, ``data_wait_share`` and ``registered_name``.
     """
     with tracking.child_run(model) as run_id:
         tracking.log_params({
@@ -42,18 +49,52 @@ def fit_and_log(prep: Prepared, model: str, workdir: str, train_config: TrainCon
             "code_version": CODE_VERSION, "table_versions": prep.versions,
             "label_rows": prep.labels.counts(),  # rows read, tracks kept, dropped per reason
         })
-        out = fit_candidate(prep, model, workdir, train_config=train_config,
-                            model_params=model_params,
-                            on_epoch=lambda epoch, m: tracking.log_metrics(
-                                {f"epoch_{k}": v for k, v in m.items()}, step=epoch))
-        tracking.log_params({k: v for k, v in out.params.items() if k != "model"})
-        _log_outputs(out, prep)
+
+        def on_epoch(epoch: int, m: dict[str, float]) -> None:
+            tracking.log_metrics({f"epoch_{k}": v for k, v in m.items()}, step=epoch)
+
+        cv = None
+        fit_prep = prep
+        if folds:
+            cv = cross_validate(prep, model, folds, workdir, train_config=train_config,
+                                model_params=model_params)
+            _log_cv(cv)
+            fit_prep = refit_split(prep)
+        out = fit_candidate(fit_prep, model, workdir, train_config=train_config,
+                            model_params=model_params, on_epoch=on_epoch,
+                            held_out=cv.held_out if cv else None,
+                            epochs=cv.epochs if cv else None)
+        tracking.log_params({k: v for k, v in out.params.items() if k != "model"}
+                            | {"fit_split": fit_prep.split_counts(),
+                               "calibrated_on": out.calibration.get("source")})
+        _log_outputs(out, fit_prep, heldout_key="cv_oof_track" if cv else "valid_track")
         uri = tracking.log_model(out.artifact_dir, out.predictor.meta, _example(out, prep))
+        summary = cv.summary() if cv else None
         return {"model": model, "run_id": run_id, "model_uri": uri,
-                "valid_macro_f1": out.valid.get("macro_f1", float("nan")),
-                "test": out.test_track, "artifact_dir": out.artifact_dir,
-                "segments_per_s": out.segments_per_s, "train_seconds": out.train_seconds,
+                "valid_macro_f1": summary["mean"] if summary else
+                out.valid.get("macro_f1", float("nan")),
+                "cv": summary, "test": out.test_track, "calibration": out.calibration,
+                "train_tracks": out.predictor.meta["train_tracks"],
+                "artifact_dir": out.artifact_dir,
+                "segments_per_s": out.segments_per_s, "train_seconds": out.train_seconds
+                + (cv.seconds if cv else 0.0),
                 "data_wait_share": out.data_wait_share, "registered_name": name}
+
+
+def _log_cv(cv: CVResult) -> None:
+    """The fold scores (``step`` = fold), their mean, std and standard error, and a network's
+    mean held-out macro-F1 per epoch.
+    """
+    summary = cv.summary()
+    for i, value in enumerate(cv.scores):
+        tracking.log_metrics({"cv_fold_macro_f1": value}, step=i)
+    for epoch, value in enumerate(cv.curve):
+        tracking.log_metrics({"cv_epoch_macro_f1": value}, step=epoch)
+    tracking.log_metrics({"cv_macro_f1_mean": summary["mean"],
+                          "cv_macro_f1_std": summary["std"], "cv_macro_f1_se": summary["se"],
+                          "cv_seconds": cv.seconds}
+                         | ({"cv_epochs": float(cv.epochs)} if cv.epochs else {}))
+    tracking.log_params({"cv_folds": summary["folds"], "cv_repeats": summary["repeats"]})
 
 
 def register_and_promote(prep: Prepared, best: dict[str, Any], name: str) -> dict[str, Any]:
@@ -108,16 +149,22 @@ def _versus_champion(prep: Prepared, name: str, cand_f1: float) -> dict[str, Any
             + f" on the same {champ_track['n']} test tracks"}
 
 
-def _log_outputs(out: FitOutput, prep: Prepared) -> None:
-    """Log the reports, the plots, the label map and the run's timing metrics."""
+def _log_outputs(out: FitOutput, prep: Prepared, heldout_key: str = "valid_track") -> None:
+    """Log the reports, the plots, the label map and the run's timing and calibration
+    metrics.
+    """
     classes = prep.labels.classes
     with tempfile.TemporaryDirectory() as tmp:
-        for key, rep in (("valid_track", out.valid), ("test_track", out.test_track),
+        for key, rep in ((heldout_key, out.valid), ("test_track", out.test_track),
                          ("test_segment", out.test_segment)):
             tracking.log_report(rep, key, render_report(rep, key) if rep.get("n") else None)
         if "confusion" in out.test_track:
             path = os.path.join(tmp, "confusion_test_track.png")
             confusion_png(out.test_track, classes, path, f"{out.model}: test tracks")
+            tracking.log_file(path, "plots")
+        if "reliability" in out.test_track:
+            path = os.path.join(tmp, "reliability_test_track.png")
+            reliability_png(out.test_track, path, f"{out.model}: test tracks")
             tracking.log_file(path, "plots")
         if out.history:
             path = os.path.join(tmp, "training_curves.png")
@@ -126,17 +173,24 @@ def _log_outputs(out: FitOutput, prep: Prepared) -> None:
         path = os.path.join(tmp, "label_map.json")
         with open(path, "w") as fh:
             json.dump({"classes": classes, "multi_label": prep.labels.multi_label,
-                       "threshold": out.predictor.meta.get("threshold")}, fh, indent=1)
+                       "threshold": out.predictor.meta.get("threshold"),
+                       "temperature": out.predictor.meta.get("temperature")}, fh, indent=1)
         tracking.log_file(path)
+    cal = out.calibration
     tracking.log_metrics({"train_seconds": out.train_seconds,
                           "train_segments_per_s": out.segments_per_s,
                           "data_wait_share": out.data_wait_share,
-                          "threshold": float(out.predictor.meta.get("threshold", 0.0))})
+                          "threshold": float(out.predictor.meta.get("threshold", 0.0)),
+                          "temperature": float(out.predictor.meta.get("temperature", 1.0)),
+                          "heldout_ece_before": cal.get("ece_before", float("nan")),
+                          "heldout_ece_after": cal.get("ece_after", float("nan")),
+                          "train_tracks": float(out.predictor.meta.get("train_tracks", 0))})
 
 
 def _example(out: FitOutput, prep: Prepared) -> Any:
     """Input example logged with the model: two summary rows or one feature matrix."""
     if out.predictor.input == "summary":
-        table, columns = prep.summary
-        return table[columns].head(2)
+        table, _ = prep.summary
+        first = table["track_id"].iloc[0]  # a pooled model needs a whole track's segments
+        return table.loc[table["track_id"] == first, out.predictor.input_columns].head(3)
     return np.stack([prep.reader.matrix(out.predictor.input, 0)]).astype(np.float32)

@@ -1,8 +1,9 @@
 """A trained tagger on disk, and the predictor that loads it.
 
 An artifact folder holds ``meta.json`` (kind, model config, classes, multi-label flag,
-open-set threshold, feature set and its config, input feature and shape, label set, code
-version) and the weights: ``weights.pt`` (torch state dict) or ``model.joblib`` (sklearn).
+open-set threshold, calibration temperature, pooling of a classic model, feature set and its
+config, input feature and shape, label set, code version, tracks trained on) and the
+weights: ``weights.pt`` (torch state dict) or ``model.joblib`` (sklearn).
 :class:`Predictor` gives probabilities and embeddings from stored features; the MLflow pyfunc
 (:mod:`training.pyfunc`) wraps it.
 """
@@ -18,7 +19,9 @@ import numpy as np
 import pandas as pd
 import torch
 
-from training.classic import classic_proba
+from tasks.errors import ParameterError
+from training.calibration import apply_temperature, log_scores
+from training.classic import classic_proba, pool_segments
 from training.models import Tagger, build_model, config_from_dict
 
 META = "meta.json"
@@ -31,7 +34,7 @@ class Predictor:
     """Probabilities and embeddings from a saved model.
 
     ``input`` is ``"logmel"``/``"mfcc"`` (``(batch, rows, frames)`` float32 arrays) or
-    ``"summary"`` (a DataFrame with ``meta['columns']``).
+    ``"summary"`` (a DataFrame with :attr:`input_columns`).
     """
 
     meta: dict[str, Any]
@@ -48,7 +51,7 @@ class Predictor:
     def embed_dim(self) -> int:
         """Size of the embeddings :meth:`predict` returns."""
         if self.sklearn_model is not None:
-            return len(self.meta["columns"])
+            return len(self.meta.get("features") or self.meta["columns"])
         return int(self.meta["model_config"]["embed_dim"])
 
     @property
@@ -56,21 +59,39 @@ class Predictor:
         """Output order of the probabilities."""
         return list(self.meta["classes"])
 
+    @property
+    def temperature(self) -> float:
+        """Temperature of the probabilities (1: uncalibrated; see :mod:`training.calibration`)."""
+        return float(self.meta.get("temperature", 1.0))
+
+    @property
+    def pooled(self) -> bool:
+        """Whether a summary model pools each track's segments into one row."""
+        return self.meta.get("pooling") == "track"
+
+    @property
+    def input_columns(self) -> list[str]:
+        """Columns a ``summary`` input frame needs: a pooled model also needs ``track_id`` and
+        ``segment`` (every segment of a track in the same call).
+        """
+        return [*(["track_id", "segment"] if self.pooled else []), *self.meta["columns"]]
+
     @torch.inference_mode()
     def predict(self, x: np.ndarray | pd.DataFrame, *, embeddings: bool = False,
-                batch_size: int = 512) -> tuple[np.ndarray, np.ndarray | None]:
-        """Probabilities ``(n, n_classes)`` and, if asked, embeddings ``(n, d)`` (float32)."""
+                batch_size: int = 512, raw: bool = False
+                ) -> tuple[np.ndarray, np.ndarray | None]:
+        """Probabilities ``(n, n_classes)`` and, if asked, embeddings ``(n, d)`` (float32).
+
+        Probabilities are calibrated at :attr:`temperature`; ``raw`` returns the uncalibrated
+        log-domain scores instead (logits, or a classic model's log-probabilities / log-odds).
+        A pooled model gives every row of a track that track's scores and embedding.
+        """
+        multi = bool(self.meta["multi_label"])
         if self.sklearn_model is not None:
-            frame = x if isinstance(x, pd.DataFrame) else pd.DataFrame(
-                x, columns=self.meta["columns"])
-            feats = frame[self.meta["columns"]].to_numpy(np.float32)
-            probs = classic_proba(self.sklearn_model, feats, len(self.classes))
-            emb = None
-            if embeddings:
-                scaler = getattr(self.sklearn_model, "named_steps", {}).get("scale")
-                emb = (scaler.transform(feats) if scaler is not None else feats).astype(
-                    np.float32)
-            return probs.astype(np.float32), emb
+            scores, emb = self._classic_scores(x, embeddings)
+            if raw:
+                return scores.astype(np.float32), emb
+            return apply_temperature(scores, self.temperature, multi_label=multi), emb
         assert self.torch_model is not None
         model = self.torch_model
         model.eval()
@@ -78,6 +99,7 @@ class Predictor:
         embs: list[np.ndarray] = []
         arr = np.asarray(x, dtype=np.float32)
         cuda = self.device.type == "cuda"
+        scale = 1.0 if raw else 1.0 / self.temperature
         for i in range(0, len(arr), batch_size):
             # a copy: rows may be read-only views of memory-mapped shards
             batch = torch.from_numpy(np.array(arr[i:i + batch_size])).to(
@@ -85,13 +107,44 @@ class Predictor:
             with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=cuda):
                 e = model.embed(batch)
                 logits = model.head(e).float()
-            p = torch.sigmoid(logits) if self.meta["multi_label"] else torch.softmax(logits, -1)
+            if raw:
+                p = logits
+            else:
+                logits = logits * scale if scale != 1.0 else logits
+                p = torch.sigmoid(logits) if multi else torch.softmax(logits, -1)
             batches.append(p.cpu().numpy())
             if embeddings:
                 embs.append(e.float().cpu().numpy())
         n_c = len(self.classes)
         p_all = np.concatenate(batches) if batches else np.zeros((0, n_c), np.float32)
         return p_all, (np.concatenate(embs) if embeddings and embs else None)
+
+    def _classic_scores(self, x: np.ndarray | pd.DataFrame, embeddings: bool
+                        ) -> tuple[np.ndarray, np.ndarray | None]:
+        """Log-domain scores (float64) and embeddings of a classic model, one row per input
+        row.
+        """
+        frame = x if isinstance(x, pd.DataFrame) else pd.DataFrame(
+            x, columns=self.input_columns)
+        feats = frame[self.meta["columns"]].to_numpy(np.float32)
+        inverse = None
+        if self.pooled:
+            if "track_id" not in frame.columns:
+                raise ParameterError("this model pools each track's segments: its input "
+                                     "needs a track_id column (and segment)")
+            _, feats, inverse = pool_segments(
+                frame["track_id"].to_numpy(object),
+                frame["segment"].to_numpy() if "segment" in frame.columns else None, feats)
+        probs = classic_proba(self.sklearn_model, feats, len(self.classes), dtype=np.float64)
+        scores = log_scores(probs, multi_label=bool(self.meta["multi_label"]))
+        emb = None
+        if embeddings:
+            scaler = getattr(self.sklearn_model, "named_steps", {}).get("scale")
+            emb = (scaler.transform(feats) if scaler is not None else feats).astype(np.float32)
+        if inverse is not None:
+            scores = scores[inverse]
+            emb = emb[inverse] if emb is not None else None
+        return scores, emb
 
 
 def save(directory: str, meta: dict[str, Any], *, torch_model: Tagger | None = None,

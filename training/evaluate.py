@@ -1,6 +1,6 @@
-"""Evaluation: metrics, per-class report, confusion matrix plot, training curves and the
-open-set confidence threshold (segment → track aggregation is
-:func:`tasks.predictions.aggregate_tracks`).
+"""Evaluation: metrics, per-class report, calibration (ECE and reliability bins), confusion
+matrix and reliability plots, training curves and the open-set confidence threshold (segment →
+track aggregation is :func:`tasks.predictions.aggregate_tracks`).
 """
 
 from __future__ import annotations
@@ -15,6 +15,8 @@ from sklearn.metrics import (
     precision_recall_fscore_support,
     roc_auc_score,
 )
+
+from training.calibration import reliability
 
 
 def report(targets: np.ndarray, probs: np.ndarray, classes: list[str], *,
@@ -54,6 +56,10 @@ def report(targets: np.ndarray, probs: np.ndarray, classes: list[str], *,
     else:
         cm = confusion_matrix(y_true, y_pred, labels=labels).astype(np.float64)
         out["confusion"] = (cm / np.maximum(cm.sum(1, keepdims=True), 1)).round(4).tolist()
+    if len(targets):
+        rel = reliability(targets, probs, multi_label=multi_label)
+        out["ece"] = rel.pop("ece")
+        out["reliability"] = rel
     return out
 
 
@@ -76,6 +82,7 @@ def render_report(rep: dict[str, Any], title: str) -> str:
     """Plain-text report: headline metrics and the per-class table."""
     lines = [f"{title}: n={rep['n']}  accuracy={rep['accuracy']:.4f}  "
              f"macro-F1={rep['macro_f1']:.4f}  weighted-F1={rep['weighted_f1']:.4f}"
+             + (f"  ECE={rep['ece']:.4f}" if "ece" in rep else "")
              + (f"  ROC-AUC={rep['roc_auc']:.4f}  PR-AUC={rep['pr_auc']:.4f}"
                 if "roc_auc" in rep else "")]
     lines.append(f"  {'class':20s} {'precision':>9s} {'recall':>7s} {'f1':>7s} {'support':>8s}")
@@ -106,6 +113,37 @@ def confusion_png(rep: dict[str, Any], classes: list[str], path: str, title: str
     ax.set_xlabel("predicted")
     ax.set_ylabel("true")
     ax.set_title(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def reliability_png(rep: dict[str, Any], path: str, title: str) -> None:
+    """Save a report's reliability diagram (accuracy against confidence per bin) as a PNG."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rel = rep["reliability"]
+    edges = np.array(rel["edges"])
+    mids = (edges[:-1] + edges[1:]) / 2
+    acc = np.array([np.nan if a is None else a for a in rel["accuracy"]], dtype=np.float64)
+    conf = np.array([np.nan if c is None else c for c in rel["confidence"]], dtype=np.float64)
+    fig, (ax, hist) = plt.subplots(2, 1, figsize=(4.5, 5.5), sharex=True,
+                                   gridspec_kw={"height_ratios": [3, 1]})
+    ax.plot([0, 1], [0, 1], color="grey", linestyle="--", linewidth=1, label="calibrated")
+    ax.bar(mids, np.nan_to_num(acc), width=np.diff(edges), edgecolor="tab:blue",
+           color="tab:blue", alpha=0.6, label="accuracy")
+    ax.plot(conf, acc, "o", color="tab:orange", markersize=4, label="mean confidence")
+    ax.set_ylim(0, 1)
+    ax.set_ylabel("accuracy")
+    ax.set_title(f"{title} (ECE {rep.get('ece', float('nan')):.3f})")
+    ax.legend(loc="upper left", fontsize=7)
+    hist.bar(mids, rel["count"], width=np.diff(edges), color="grey")
+    hist.set_xlabel("confidence")
+    hist.set_ylabel("count")
+    hist.set_xlim(0, 1)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)

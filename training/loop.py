@@ -155,9 +155,10 @@ def train_network(model: Tagger, train_ds: Dataset, valid_ds: Dataset, config: T
                   multi_label: bool, score: Callable[[Tagger], float],
                   class_weights: torch.Tensor | None = None,
                   checkpoint_dir: str | None = None, resume: bool = True,
-                  on_epoch: Callable[[int, dict[str, float]], None] | None = None
-                  ) -> TrainResult:
-    """Train ``model``; keep the weights with the best ``score`` (higher is better).
+                  on_epoch: Callable[[int, dict[str, float]], None] | None = None,
+                  keep_last: bool = False) -> TrainResult:
+    """Train ``model``; keep the weights with the best ``score`` (higher is better), or with
+    ``keep_last`` those of the last epoch (a refit with a fixed epoch count).
 
     Parameters
     ----------
@@ -188,7 +189,8 @@ def train_network(model: Tagger, train_ds: Dataset, valid_ds: Dataset, config: T
         state.history.append({"epoch": epoch, **metrics})
         if on_epoch:
             on_epoch(epoch, metrics)
-        stale = 0 if _keep_if_best(model, state, epoch, metrics["valid_score"]) else stale + 1
+        value = float(epoch) if keep_last else metrics["valid_score"]
+        stale = 0 if _keep_if_best(model, state, epoch, value) else stale + 1
         state.epoch = epoch
         if ckpt:
             _save(ckpt, model, run, state)
@@ -337,9 +339,11 @@ def _set_rng_states(states: dict[str, Any]) -> None:
 
 @torch.inference_mode()
 def predict(model: Tagger, dataset: Dataset, *, batch_size: int = 256,
-            device: torch.device | None = None, embeddings: bool = False
-            ) -> tuple[np.ndarray, np.ndarray | None]:
-    """Probabilities (softmax or sigmoid applied here) and optionally embeddings."""
+            device: torch.device | None = None, embeddings: bool = False,
+            logits: bool = False) -> tuple[np.ndarray, np.ndarray | None]:
+    """Probabilities (softmax or sigmoid applied here; with ``logits`` the raw logits) and
+    optionally embeddings.
+    """
     device = device or next(model.parameters()).device
     model.eval()
     multi = getattr(model, "multi_label", False)
@@ -349,8 +353,9 @@ def predict(model: Tagger, dataset: Dataset, *, batch_size: int = 256,
         x = x.to(device)
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
             e = model.embed(x)
-            logits = model.head(e).float()
-        probs.append((torch.sigmoid(logits) if multi else torch.softmax(logits, -1)).cpu())
+            out = model.head(e).float()
+        probs.append((out if logits else torch.sigmoid(out) if multi else
+                      torch.softmax(out, -1)).cpu())
         if embeddings:
             embs.append(e.float().cpu())
     p = torch.cat(probs).numpy() if probs else np.zeros((0, model.n_classes), np.float32)

@@ -151,10 +151,15 @@ def log_report(rep: dict[str, Any], prefix: str, text: str | None = None) -> Non
     log_metrics({f"{prefix}_{k}": v for k, v in rep.items()
                  if k in ("accuracy", "macro_f1", "weighted_f1", "macro_precision",
                           "macro_recall", "weighted_precision", "weighted_recall", "roc_auc",
-                          "pr_auc")})
+                          "pr_auc", "ece")})
     mlflow.log_dict(rep, f"reports/{prefix}.json")
     if text:
         mlflow.log_text(text, f"reports/{prefix}.txt")
+
+
+def log_document(document: dict[str, Any], path: str) -> None:
+    """Log a JSON document to the active run."""
+    mlflow.log_dict(document, path)
 
 
 def log_file(path: str, folder: str | None = None) -> None:
@@ -173,7 +178,9 @@ def log_model(artifact_dir: str, meta: dict[str, Any], example: Any) -> str:
     params = ParamSchema([ParamSpec("output", "string", "probabilities")])
     outputs = Schema([TensorSpec(np.dtype(np.float32), (-1, n))])
     if meta["input"] == "summary":
-        inputs = Schema([ColSpec("float", c) for c in meta["columns"]])
+        keys = [ColSpec("string", "track_id"), ColSpec("integer", "segment")] \
+            if meta.get("pooling") == "track" else []
+        inputs = Schema([*keys, *(ColSpec("float", c) for c in meta["columns"])])
     else:
         rows, frames = meta["shape"]
         inputs = Schema([TensorSpec(np.dtype(np.float32), (-1, rows, frames))])

@@ -23,7 +23,21 @@ from tasks.errors import ParameterError
 from tasks.predictions import aggregate_tracks, align_classes
 from tasks.version import CODE_VERSION
 from training import artifact
-from training.classic import CLASSIC_MODELS, build_classic, fit_classic
+from training.calibration import (
+    apply_temperature,
+    fit_temperature,
+    log_scores,
+    track_probabilities,
+)
+from training.classic import (
+    CLASSIC_MODELS,
+    DEFAULT_POOLING,
+    POOLINGS,
+    build_classic,
+    fit_classic,
+    pool_segments,
+    pooled_columns,
+)
 from training.data import SegmentDataset, SplitRows, row_statistics, split_rows, summary_frame
 from training.evaluate import confidence_threshold, report
 from training.labels import LabelSet, labels_from_tags, match_labels, read_labels, tag_source
@@ -84,6 +98,21 @@ class Prepared:
 
 
 @dataclass
+class HeldOut:
+    """Uncalibrated predictions of held-out segments: what the temperature and the open-set
+    threshold are fitted on (the valid split, or the out-of-fold predictions of
+    cross-validation).
+    """
+
+    track_ids: np.ndarray  # (m,) object: each segment row's track
+    scores: np.ndarray  # (m, n_classes) log-domain scores (see training.calibration)
+    source: str = "valid"  # or "cv" (out-of-fold)
+
+    def __len__(self) -> int:
+        return int(len(self.track_ids))
+
+
+@dataclass
 class FitOutput:
     """A trained model and how it did."""
 
@@ -98,6 +127,7 @@ class FitOutput:
     train_seconds: float = 0.0
     segments_per_s: float = 0.0
     data_wait_share: float = 0.0
+    calibration: dict[str, Any] = field(default_factory=dict)
 
 
 def prepare(store_url: str, labels_path: str, *, feature_set: str | None = None,
@@ -134,8 +164,14 @@ def prepare(store_url: str, labels_path: str, *, feature_set: str | None = None,
 def fit_candidate(prep: Prepared, model: str, workdir: str, *,
                   train_config: TrainConfig | None = None,
                   model_params: dict[str, Any] | None = None, resume: bool = True,
-                  on_epoch: Any = None) -> FitOutput:
-    """Train ``model`` on the train split, select on valid, report on test."""
+                  on_epoch: Any = None, held_out: HeldOut | None = None,
+                  epochs: int | None = None) -> FitOutput:
+    """Train ``model`` on the train split, select on valid, calibrate, report on test.
+
+    ``held_out`` (out-of-fold predictions) calibrates the model instead of the valid split;
+    ``epochs`` trains a network for exactly that many epochs and keeps the last weights
+    (no early stopping: the refit on train + valid after cross-validation).
+    """
     if model not in MODEL_NAMES:
         raise ParameterError(f"unknown model {model!r}; choose from {list(MODEL_NAMES)} or auto")
     tc = train_config or TrainConfig()
@@ -145,8 +181,10 @@ def fit_candidate(prep: Prepared, model: str, workdir: str, *,
         predictor, params = _fit_classic(prep, model, tc, model_params)
     else:
         predictor, params, result = _fit_network(prep, model, workdir, tc, model_params,
-                                                 resume=resume, on_epoch=on_epoch)
-    return _finish(prep, predictor, params, workdir, result=result, started=started)
+                                                 resume=resume, on_epoch=on_epoch,
+                                                 epochs=epochs)
+    return _finish(prep, predictor, params, workdir, result=result, started=started,
+                   held_out=held_out)
 
 
 def _base_meta(prep: Prepared, model: str) -> dict[str, Any]:
@@ -163,23 +201,43 @@ def _base_meta(prep: Prepared, model: str) -> dict[str, Any]:
 
 def _fit_classic(prep: Prepared, model: str, tc: TrainConfig,
                  model_params: dict[str, Any] | None) -> tuple[artifact.Predictor, dict[str, Any]]:
-    """Fit a scikit-learn model on the segment summary columns; its predictor and params."""
+    """Fit a scikit-learn model on the summary columns, pooled per track unless
+    ``{"pooling": "segment"}``; its predictor and params.
+    """
     multi = prep.labels.multi_label
+    params = {"pooling": DEFAULT_POOLING[model], **(model_params or {})}
+    if params["pooling"] not in POOLINGS:
+        raise ParameterError(f"--model-params pooling {params['pooling']!r}: choose from "
+                             f"{', '.join(POOLINGS)}")
     table, columns = prep.summary
     train = prep.parts("summary")["train"]
-    x = table[columns].to_numpy(np.float32)
-    est = build_classic(model, multi_label=multi, seed=tc.seed, params=model_params,
+    x = table[columns].to_numpy(np.float32)[train.rows]
+    est = build_classic(model, multi_label=multi, seed=tc.seed, params=params,
                         balance=tc.balance)
-    fit_classic(est, x[train.rows], train.targets, multi_label=multi)
     meta = _base_meta(prep, model) | {"input": "summary", "columns": columns,
-                                      "model_config": {"name": model, **(model_params or {})}}
-    return artifact.Predictor(meta, sklearn_model=est), {"model": model, **(model_params or {})}
+                                      "pooling": params["pooling"],
+                                      "model_config": {"name": model, **params}}
+    if params["pooling"] == "track":
+        ids, pooled, _ = pool_segments(train.track_ids,
+                                       table["segment"].to_numpy()[train.rows], x)
+        fit_classic(est, pooled, prep.labels.targets(ids), multi_label=multi)
+        meta["features"] = pooled_columns(columns)
+    else:
+        fit_classic(est, x, train.targets, multi_label=multi)
+    return artifact.Predictor(meta, sklearn_model=est), {"model": model, **params}
 
 
 def _fit_network(prep: Prepared, model: str, workdir: str, tc: TrainConfig,
-                 model_params: dict[str, Any] | None, *, resume: bool, on_epoch: Any
+                 model_params: dict[str, Any] | None, *, resume: bool, on_epoch: Any,
+                 epochs: int | None = None, score: Callable[..., float] | None = None,
+                 checkpoints: bool = True
                  ) -> tuple[artifact.Predictor, dict[str, Any], TrainResult]:
-    """Train a network on segment tensors, checkpointing under ``workdir/model``."""
+    """Train a network on segment tensors, checkpointing under ``workdir/model``.
+
+    ``epochs``: stop after that many epochs of the configured schedule and keep the last
+    weights (no validation needed); ``score``: ``(net, valid dataset) -> float`` instead of
+    the track macro-F1 on valid.
+    """
     labels = prep.labels
     cfg = MODEL_CONFIGS[model](**(model_params or {}))
     seed_everything(tc.seed)  # weights are initialised from the seed, not from history
@@ -193,10 +251,19 @@ def _fit_network(prep: Prepared, model: str, workdir: str, tc: TrainConfig,
     valid_ds = SegmentDataset(reader, parts["valid"], cfg.input)
     weights = balanced_weights(parts["train"].targets, multi_label=labels.multi_label) \
         if tc.balance and len(parts["train"]) else None
-    result = train_network(net, train_ds, valid_ds, tc, multi_label=labels.multi_label,
-                           score=_valid_score(labels, valid_ds), class_weights=weights,
-                           checkpoint_dir=os.path.join(workdir, model, "checkpoints"),
-                           resume=resume, on_epoch=on_epoch)
+    run_tc = tc
+    if epochs is not None:  # the schedule of tc.epochs, cut after `epochs` epochs
+        per_epoch = max(1, -(-len(train_ds) // tc.batch_size))
+        steps = epochs * per_epoch if not tc.max_steps else min(tc.max_steps,
+                                                                 epochs * per_epoch)
+        run_tc = replace(tc, max_steps=steps, patience=tc.epochs + 1)
+    result = train_network(net, train_ds, valid_ds, run_tc, multi_label=labels.multi_label,
+                           score=(lambda n: score(n, valid_ds)) if score else
+                           _valid_score(labels, valid_ds), class_weights=weights,
+                           checkpoint_dir=os.path.join(
+                               workdir, model, "refit" if epochs is not None else "",
+                               "checkpoints") if checkpoints else None,
+                           resume=resume, on_epoch=on_epoch, keep_last=epochs is not None)
     net.cpu()
     meta = _base_meta(prep, model) | {"input": cfg.input, "model_config": cfg.to_dict(),
                                       "shape": list(reader.shapes[cfg.input])}
@@ -218,15 +285,53 @@ def _valid_score(labels: LabelSet, valid_ds: SegmentDataset) -> Callable[[Tagger
     return score
 
 
+def calibrate(predictor: artifact.Predictor, labels: LabelSet, held_out: HeldOut
+              ) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Fit the temperature on ``held_out`` tracks and set it and the open-set threshold (on
+    the calibrated probabilities) in ``predictor.meta``.
+
+    Returns
+    -------
+    tuple of dict
+        The calibrated track report of the held-out tracks, and the calibration record:
+        ``temperature``, ``source``, ``tracks``, ``ece_before`` and ``ece_after``.
+    """
+    multi = labels.multi_label
+    if not len(held_out):
+        predictor.meta |= {"temperature": 1.0, "threshold": 0.0}
+        return _EMPTY_REPORT, {"temperature": 1.0, "source": held_out.source, "tracks": 0}
+    temperature = fit_temperature(held_out.track_ids, held_out.scores, labels.targets,
+                                  multi_label=multi)
+    ids, before = track_probabilities(held_out.track_ids, held_out.scores, 1.0,
+                                      multi_label=multi)
+    _, probs = track_probabilities(held_out.track_ids, held_out.scores, temperature,
+                                   multi_label=multi)
+    targets = labels.targets(ids)
+    rep = report(targets, probs, labels.classes, multi_label=multi)
+    predictor.meta["temperature"] = temperature
+    predictor.meta["threshold"] = confidence_threshold(targets, probs, multi_label=multi)
+    ece_before = report(targets, before, labels.classes, multi_label=multi)["ece"]
+    return rep, {"temperature": temperature, "source": held_out.source, "tracks": len(ids),
+                 "ece_before": ece_before, "ece_after": rep["ece"]}
+
+
+def held_out_scores(predictor: artifact.Predictor, prep: Prepared, split: str = "valid"
+                    ) -> HeldOut:
+    """Uncalibrated segment scores of ``split``."""
+    ids, scores, _ = predict_split(predictor, prep, split, raw=True)
+    return HeldOut(ids, scores, split)
+
+
 def _finish(prep: Prepared, predictor: artifact.Predictor, params: dict[str, Any],
-            workdir: str, *, result: TrainResult | None, started: float) -> FitOutput:
-    """Set the open-set threshold on valid, report on test, save the artifact."""
+            workdir: str, *, result: TrainResult | None, started: float,
+            held_out: HeldOut | None = None) -> FitOutput:
+    """Calibrate and set the open-set threshold on held-out tracks (valid, or ``held_out``),
+    report on test, save the artifact.
+    """
     labels, model = prep.labels, predictor.meta["model"]
-    ids, probs, targets = predict_split(predictor, prep, "valid", tracks=True)
-    valid_track = report(targets, probs, labels.classes, multi_label=labels.multi_label) \
-        if len(ids) else _EMPTY_REPORT
-    predictor.meta["threshold"] = confidence_threshold(
-        targets, probs, multi_label=labels.multi_label) if len(ids) else 0.0
+    valid_track, calibration = calibrate(predictor, labels, held_out if held_out is not None
+                                         else held_out_scores(predictor, prep, "valid"))
+    predictor.meta["train_tracks"] = int((prep.splits == "train").sum())
     test_seg, test_track = evaluate_split(predictor, prep, "test")
     out_dir = os.path.join(workdir, model, "artifact")
     artifact.save(out_dir, predictor.meta, torch_model=predictor.torch_model,
@@ -239,27 +344,37 @@ def _finish(prep: Prepared, predictor: artifact.Predictor, params: dict[str, Any
                      history=result.history if result else [],
                      train_seconds=time.perf_counter() - started,
                      segments_per_s=result.segments_per_s if result else 0.0,
-                     data_wait_share=result.data_wait_share if result else 0.0)
+                     data_wait_share=result.data_wait_share if result else 0.0,
+                     calibration=calibration)
 
 
 def predict_split(predictor: artifact.Predictor, prep: Prepared, split: str, *,
-                  tracks: bool = False) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """``(track ids, probabilities, targets)`` for a split, per segment or per track."""
+                  tracks: bool = False, raw: bool = False
+                  ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """``(track ids, probabilities, targets)`` for a split, per segment or per track;
+    ``raw``: uncalibrated log-domain scores instead of probabilities (per segment).
+    """
     kind = "summary" if predictor.input == "summary" else predictor.input
     part = prep.parts(kind)[split]
     if len(part) == 0:
         n = len(prep.labels.classes)
         return np.array([], dtype=object), np.zeros((0, n), np.float32), np.zeros((0, n))
     if kind == "summary":
-        table, columns = prep.summary
-        probs, _ = predictor.predict(table.iloc[part.rows][columns])
+        table, _ = prep.summary
+        probs, _ = predictor.predict(table.iloc[part.rows][predictor.input_columns], raw=raw)
     else:
         probs = np.concatenate([
             predictor.predict(np.stack([prep.reader.matrix(kind, int(r))
-                                        for r in part.rows[i:i + 512]]))[0]
+                                        for r in part.rows[i:i + 512]]), raw=raw)[0]
             for i in range(0, len(part), 512)])
-    probs = align_classes(probs, predictor.classes, prep.labels.classes)
-    if not tracks:
+    if raw and list(predictor.classes) != list(prep.labels.classes):
+        multi = prep.labels.multi_label
+        probs = log_scores(align_classes(apply_temperature(probs, 1.0, multi_label=multi),
+                                         predictor.classes, prep.labels.classes),
+                           multi_label=multi)
+    else:
+        probs = align_classes(probs, predictor.classes, prep.labels.classes)
+    if not tracks or raw:
         return part.track_ids, probs, part.targets
     agg = aggregate_tracks(part.track_ids, probs)
     return agg.track_ids, agg.probabilities, prep.labels.targets(agg.track_ids)

@@ -44,7 +44,7 @@ def test_each_model_beats_chance(prep, tmp_path, model):
     assert out.test_segment["accuracy"] > chance + 0.2, out.test_segment
     assert 0.0 <= out.predictor.meta["threshold"] <= 1.0
     probs, emb = out.predictor.predict(
-        prep.summary[0][prep.summary[1]].head(3) if model in ("linear", "gbm") else
+        prep.summary[0][out.predictor.input_columns].head(3) if model in ("linear", "gbm") else
         np.stack([prep.reader.matrix(out.predictor.input, i) for i in range(3)]),
         embeddings=True)
     np.testing.assert_allclose(probs.sum(1), 1.0, rtol=1e-4)
@@ -57,8 +57,9 @@ def test_multi_label(labelled_store, tmp_path):
     assert p.labels.multi_label and "winds" in p.labels.classes
     out = fit_candidate(p, "linear", str(tmp_path))
     assert "roc_auc" in out.test_track and "pr_auc" in out.test_track
-    probs, _ = out.predictor.predict(p.summary[0][p.summary[1]].head(4))
+    probs, _ = out.predictor.predict(p.summary[0][out.predictor.input_columns].head(4))
     assert probs.shape == (4, len(p.labels.classes)) and probs.max() <= 1.0
+    assert 0 < out.predictor.meta["temperature"] and "ece" in out.test_track
 
 
 def test_resume_from_checkpoint_continues(prep, tmp_path):
@@ -112,7 +113,9 @@ def test_train_flow_registers_promotes_and_reloads(labelled_store, mlflow_env, t
     names = {a.path for a in client.list_artifacts(run.info.run_id)}
     assert {"label_map.json", "plots", "reports", "promotion.json"} <= names
     plots = {a.path for a in client.list_artifacts(run.info.run_id, "plots")}
-    assert plots == {"plots/confusion_test_track.png"}  # linear: no epochs, no curves
+    # linear: no epochs, no curves; the reliability diagram beside the confusion matrix
+    assert plots == {"plots/confusion_test_track.png", "plots/reliability_test_track.png"}
+    assert "test_track_ece" in run.data.metrics and "temperature" in run.data.metrics
     assert mlflow.get_tracking_uri().startswith("sqlite:///") and store in \
         mlflow.get_tracking_uri()
 
@@ -129,7 +132,7 @@ def test_train_flow_registers_promotes_and_reloads(labelled_store, mlflow_env, t
 
     # reload from the registry: same predictions as the in-memory model
     prep = prepare(store, labels, valid_size=0.2, test_size=0.2)
-    x = prep.summary[0][prep.summary[1]].head(5)
+    x = prep.summary[0][["track_id", "segment", *prep.summary[1]]].head(5)
     loaded = tracking.load_pyfunc(f"models:/{name}@champion")
     from training.artifact import load
     direct = load(first.best["artifact_dir"]).predict(x)[0]
@@ -140,3 +143,38 @@ def test_train_flow_registers_promotes_and_reloads(labelled_store, mlflow_env, t
     track, seg, _ = evaluate_model(store, labels, f"models:/{name}@champion")
     assert track["n"] == 48 and seg["n"] > 48
     assert track["accuracy"] > 0.6
+
+
+def test_auto_chooses_by_cross_validation_and_refits_on_train_and_valid(
+        labelled_store, mlflow_env, tmp_path, prefect_harness):
+    from flows.train import train_flow
+    from training.artifact import load
+
+    store, labels, _ = labelled_store
+    name = f"cv-{tmp_path.name}"[:60]
+    summary = train_flow(store=store, labels=labels, model="auto", registered_name=name,
+                         valid_size=0.2, test_size=0.2, workdir=str(tmp_path / "w"),
+                         candidates=["linear", "gbm"])
+    sel = summary.selection
+    assert sel["regime"] == "cv" and sel["folds"] == 5 and sel["repeats"] == 2
+    assert [r["model"] for r in sel["table"]] == ["linear", "gbm"]
+    for row, cand in zip(sel["table"], summary.candidates, strict=True):
+        assert row["n"] == 10 and 0 <= row["std"] and row["se"] == pytest.approx(
+            row["std"] / np.sqrt(5))
+        assert cand["cv"]["mean"] == pytest.approx(row["mean"]) == cand["valid_macro_f1"]
+    assert summary.best["model"] == sel["chosen"]
+    assert "CV macro-F1" in summary.render() and "chosen: " in summary.render()
+    # the registered model was refitted on train + valid, calibrated on out-of-fold tracks
+    pool = summary.split["train"] + summary.split["valid"]
+    assert summary.best["train_tracks"] == pool == 39
+    version = MlflowClient().get_model_version_by_alias(name, "candidate")
+    predictor = load(tracking.load_artifact_dir(f"models:/{name}/{version.version}"))
+    assert predictor.meta["train_tracks"] == pool
+    assert predictor.pooled == (summary.best["model"] == "linear")  # gbm: segment rows
+    assert predictor.meta["temperature"] == summary.best["calibration"]["temperature"] != 1.0
+    assert summary.best["calibration"]["source"] == "cv"
+    assert summary.best["calibration"]["tracks"] == pool
+    run = MlflowClient().get_run(summary.best["run_id"])
+    assert {"cv_macro_f1_mean", "cv_macro_f1_std", "cv_macro_f1_se", "test_track_ece",
+            "cv_oof_track_ece"} <= set(run.data.metrics)
+    assert summary.best["test"]["n"] == summary.split["test"]
