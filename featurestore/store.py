@@ -293,21 +293,30 @@ class FeatureStore:
                 raise StoreError(f"feature set {feature_set}'s tracks table has no version "
                                  f"{text} (or its log entry was cleaned up)")
             when = dt.datetime.fromtimestamp(stamp / 1000 + 0.001, dt.UTC)
-        out = {}
+        if isinstance(when, str):
+            try:
+                when = dt.datetime.fromisoformat(when)
+            except ValueError as exc:
+                raise StoreError(f"--as-of {text!r} is neither a table version nor an ISO "
+                                 "timestamp") from exc
+            if when.tzinfo is None:
+                when = when.replace(tzinfo=dt.UTC)
+        limit = when.timestamp() * 1000
+        out: dict[str, int] = {}
         for name in ("tracks", "segments"):
-            if text.isdigit():  # by commit timestamps, never by log file times
-                table = tables.open_table(self, self.table_path(feature_set, name))
-                if table is None:
-                    raise StoreError(f"feature set {feature_set} has no {name} table")
-                limit = when.timestamp() * 1000 if isinstance(when, dt.datetime) else 0
-                out[name] = int(text) if name == "tracks" else max(
-                    (h["version"] for h in table.history() if h["timestamp"] <= limit),
-                    default=0)
-                continue
-            table = tables.open_table(self, self.table_path(feature_set, name), when)
+            # by the commits' own timestamps, never by log file times (a file written under
+            # load can carry a later mtime than its commit)
+            table = tables.open_table(self, self.table_path(feature_set, name))
             if table is None:
                 raise StoreError(f"feature set {feature_set} has no {name} table")
-            out[name] = int(table.version())
+            if text.isdigit() and name == "tracks":
+                out[name] = int(text)
+                continue
+            found = [h["version"] for h in table.history() if h["timestamp"] <= limit]
+            if not found:
+                raise StoreError(f"feature set {feature_set}'s {name} table has no version "
+                                 f"as of {when.isoformat()}")
+            out[name] = int(max(found))
         return out
 
     def pin(self, feature_set: str, versions: dict[str, int], reason: str) -> None:
