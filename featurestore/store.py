@@ -378,6 +378,11 @@ class FeatureStore:
         """
         return set(self._committed_ids(feature_set)[1])
 
+    def track_ids(self, feature_set: str) -> tuple[set[str], set[str]]:
+        """:meth:`committed_track_ids` and :meth:`retry_track_ids` from one look at the log."""
+        final, retry = self._committed_ids(feature_set)
+        return set(final), set(retry)
+
     def _committed_ids(self, feature_set: str) -> tuple[set[str], set[str]]:
         table = tables.open_table(self, self.table_path(feature_set, "tracks"))
         if table is None:
@@ -458,8 +463,7 @@ class FeatureStore:
         fs_id = written[0].feature_set
         with self.commit_lease() as lease:
             self.resolve_intents()
-            done = self.committed_track_ids(fs_id)
-            again = self.retry_track_ids(fs_id)
+            done, again = self.track_ids(fs_id)
             keep, dropped = [], 0
             for w in written:
                 fresh = [t for t in w.counts.track_ids if t not in done]

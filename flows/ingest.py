@@ -283,7 +283,7 @@ def look_up(fstore: FeatureStore, source: str, cfg: FeatureConfig, *,
     """List ``source`` and split it against the store's snapshots (no audio is opened)."""
     fs_id = fstore.register_feature_set(cfg)
     files = discover(source)
-    committed = fstore.committed_track_ids(fs_id)
+    committed, retry = fstore.track_ids(fs_id)
     known = fstore.known_sources()
     scope = listing_scope(source)
     gone: list[str] = []
@@ -297,8 +297,8 @@ def look_up(fstore: FeatureStore, source: str, cfg: FeatureConfig, *,
                     gone.append(uri)
     held = (not accept_removals and len(gone) > MASS_REMOVAL_MIN
             and len(gone) > MASS_REMOVAL_SHARE * in_source)
-    return LookUp(fs_id, len(files), triage(files, known, committed), committed,
-                  fstore.retry_track_ids(fs_id), known, sorted(gone), held)
+    return LookUp(fs_id, len(files), triage(files, known, committed), committed, retry, known,
+                  sorted(gone), held)
 
 
 def _keep_earlier_rows(records: list[ProbeRecord], look: LookUp, summary: IngestSummary
