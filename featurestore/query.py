@@ -73,6 +73,9 @@ def connect(store: FeatureStore, feature_set: str | None = None, model: str | No
         fs_id = feature_set or store.default_feature_set()
     except StoreError:
         fs_id = None
+    if isinstance(as_of, str) and fs_id:  # a timestamp: the commits' own times decide (see
+        as_of = store.versions_as_of(fs_id, as_of)  # FeatureStore.versions_as_of)
+
     def version(table: str) -> int | str | None:
         return as_of.get(table) if isinstance(as_of, dict) else as_of
 

@@ -69,8 +69,45 @@ class ShortChunkResNetConfig(ModelConfig):
     embed_dim: int = 512
 
 
+@dataclass(frozen=True)
+class TransformerConfig(ModelConfig):
+    """CNN front end, then a Transformer encoder over time (Won et al. 2020, CNN + self-attention).
+
+    ``channels`` are conv-BN-ReLU-maxpool blocks; each halves the frequency axis, and the
+    time axis by its entry of ``time_pool``. The remaining ``channels[-1] x frequency`` values
+    of a time step are projected to ``d_model``. ``pooling``: ``"cls"`` (a learned [CLS]
+    token) or ``"mean"`` over time steps. ``max_positions`` is the length of the learned
+    positional table: a sequence of ``T`` steps uses its first ``T`` rows, a longer one the
+    table resampled to ``T``. ``dropout`` is the embedding's, ``attention_dropout`` the
+    encoder's.
+    """
+
+    name: ClassVar[str] = "transformer"
+    channels: tuple[int, ...] = (32, 64, 128)
+    time_pool: tuple[int, ...] = (2, 2, 1)
+    d_model: int = 128
+    heads: int = 4
+    layers: int = 3
+    ff_dim: int = 256
+    attention_dropout: float = 0.1
+    pooling: str = "cls"
+    max_positions: int = 256
+
+    def __post_init__(self) -> None:
+        if len(self.time_pool) != len(self.channels):
+            raise ValueError(f"time_pool {self.time_pool} needs one entry per block of "
+                             f"channels {self.channels}")
+        if self.d_model % self.heads:
+            raise ValueError(f"d_model {self.d_model} is not divisible by heads {self.heads}")
+        if self.pooling not in ("cls", "mean"):
+            raise ValueError(f"pooling must be 'cls' or 'mean', not {self.pooling!r}")
+        if self.max_positions < 1:
+            raise ValueError("max_positions must be >= 1")
+
+
 MODEL_CONFIGS: dict[str, type[ModelConfig]] = {
-    c.name: c for c in (CNNConfig, MFCCCNNConfig, CRNNConfig, ShortChunkResNetConfig)
+    c.name: c for c in (CNNConfig, MFCCCNNConfig, CRNNConfig, ShortChunkResNetConfig,
+                        TransformerConfig)
 }
 
 
@@ -184,6 +221,52 @@ class _Res2d(nn.Module):
         return self.act(self.body(x) + self.skip(x))
 
 
+class _TimeTransformer(nn.Module):
+    """``(B, C, F', T')`` conv features → one ``d_model`` vector per segment.
+
+    Each time step's ``C x F'`` values are projected to ``d_model``, a learned positional
+    embedding is added (the first ``T'`` rows of the table; the table resampled to ``T'`` when
+    the sequence is longer), then a pre-norm Transformer encoder; the output is the [CLS]
+    token or the mean over time steps.
+    """
+
+    def __init__(self, config: TransformerConfig, c_in: int, freq: int) -> None:
+        super().__init__()
+        d = config.d_model
+        self.cls_token = config.pooling == "cls"
+        self.project = nn.Linear(c_in * freq, d)
+        self.positions = nn.Parameter(torch.zeros(1, config.max_positions, d))
+        self.cls = nn.Parameter(torch.zeros(1, 1, d))
+        nn.init.trunc_normal_(self.positions, std=0.02)
+        nn.init.trunc_normal_(self.cls, std=0.02)
+        layer = nn.TransformerEncoderLayer(
+            d, config.heads, config.ff_dim, config.attention_dropout, activation="gelu",
+            batch_first=True, norm_first=True)
+        self.encoder = nn.TransformerEncoder(layer, config.layers, norm=nn.LayerNorm(d),
+                                             enable_nested_tensor=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        seq = self.project(x.flatten(1, 2).transpose(1, 2))  # (B, C, F', T') -> (B, T', d)
+        steps = seq.shape[1]
+        table = self.positions
+        if steps > table.shape[1]:  # longer than the table: resample it to the sequence
+            table = nn.functional.interpolate(table.transpose(1, 2), size=steps,
+                                              mode="linear", align_corners=False
+                                              ).transpose(1, 2)
+        seq = seq + table[:, :steps]
+        if self.cls_token:
+            seq = torch.cat([self.cls.expand(seq.shape[0], -1, -1), seq], dim=1)
+        out = self.encoder(seq)
+        return out[:, 0] if self.cls_token else out.mean(1)
+
+
+def _pooled(size: int, pool: int, blocks: int) -> int:
+    """Length of an axis of ``size`` after ``blocks`` ceil-mode max pools of ``pool``."""
+    for _ in range(blocks):
+        size = -(-size // pool)
+    return size
+
+
 def _build_backbone(config: ModelConfig, rows: int) -> nn.Module:
     if isinstance(config, (CNNConfig, MFCCCNNConfig)):
         layers: list[nn.Module] = []
@@ -211,6 +294,14 @@ def _build_backbone(config: ModelConfig, rows: int) -> nn.Module:
             c_in = w
         return nn.Sequential(*blocks, _GlobalPool("max"),
                              _embedding(c_in, config.embed_dim, config.dropout))
+    if isinstance(config, TransformerConfig):
+        layers, c_in = [], 1
+        for c, t in zip(config.channels, config.time_pool, strict=True):
+            layers.append(_conv_block(c_in, c, (2, t)))
+            c_in = c
+        freq = _pooled(rows, 2, len(config.channels))
+        return nn.Sequential(*layers, _TimeTransformer(config, c_in, freq),
+                             _embedding(config.d_model, config.embed_dim, config.dropout))
     raise ValueError(f"no backbone for {type(config).__name__}")
 
 
