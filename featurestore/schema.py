@@ -18,10 +18,9 @@ from typing import Any
 
 import pyarrow as pa
 
-from tasks.columns import descriptor_fields, tag_fields
+from tasks.columns import descriptor_fields, summary_columns, tag_fields
 from tasks.config import FeatureConfig
 from tasks.errors import SchemaError
-from tasks.track import summary_columns
 from tasks.version import CODE_VERSION
 
 SCHEMA_VERSION = 2

@@ -43,10 +43,10 @@ from fsspec.implementations.local import LocalFileSystem
 from featurestore import tables
 from featurestore.schema import SOURCES_SCHEMA, TRACKS_SCHEMA, segments_schema
 from featurestore.tables import DataFile
+from tasks.columns import summary_columns
 from tasks.config import FeatureConfig
 from tasks.errors import StoreError
 from tasks.faults import failpoint
-from tasks.track import summary_columns
 from tasks.version import CODE_VERSION
 
 STORE_FORMAT = 2

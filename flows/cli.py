@@ -41,7 +41,8 @@ def _feature_config(args: argparse.Namespace) -> FeatureConfig:
 
 
 def cmd_ingest(args: argparse.Namespace) -> int:
-    from flows.ingest import run_ingest, summary_json
+    from flows.headstart import run_ingest
+    from flows.preflight import summary_json
 
     summary = run_ingest(
         args.source, args.store, config=_feature_config(args), dask_address=args.dask_address,
@@ -125,7 +126,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         tag_source(args.labels)
     else:  # before Prefect, torch and MLflow load
         read_labels(args.labels, group_column=args.group_column)
-    from flows.train import run_train
+    from flows.train import model_label, run_train
     from training.evaluate import render_report
 
     train_config = {k: v for k, v in {
@@ -140,16 +141,19 @@ def cmd_train(args: argparse.Namespace) -> int:
     except json.JSONDecodeError as exc:
         raise ParameterError(f"--model-params is not JSON ({exc}); pass an object such as "
                              "'{\"channels\": 64}'") from exc
+    candidates = None if args.candidates is None else [
+        c.strip() for c in args.candidates.split(",") if c.strip()]
     summary = run_train(args.store, args.labels, model=args.model,
                         registered_name=args.registered_name, group_column=args.group_column,
                         valid_size=args.valid_size, test_size=args.test_size,
                         train_config=train_config, model_params=params, workdir=args.workdir,
-                        as_of=args.as_of, quiet=not args.verbose)
+                        as_of=args.as_of, quiet=not args.verbose, candidates=candidates,
+                        ensemble_size=args.ensemble_size)
     best, promo = summary.best, summary.promotion
     print(summary.render())
     chosen_on = (f"CV macro-F1 {best['cv']['mean']:.4f} ± {best['cv']['std']:.4f}"
                  if best.get("cv") else f"valid macro-F1 {best['valid_macro_f1']:.4f}")
-    print(f"\nbest: {best['model']} ({chosen_on}); registered "
+    print(f"\nbest: {model_label(best)} ({chosen_on}); registered "
           f"{summary.registered_name} v{promo['version']} as @candidate; "
           f"{'promoted to @champion' if promo['promoted'] else 'champion unchanged'} "
           f"({promo['reason']})")
@@ -269,7 +273,13 @@ def build_parser() -> argparse.ArgumentParser:
                         help="labels from the files' own tags, e.g. genre (with "
                              "--group-column artist: one artist never on both split sides)")
     p.add_argument("--model", default="auto",
-                   help="cnn, mfcc_cnn, crnn, short_chunk_resnet, linear, gbm or auto")
+                   help="cnn, mfcc_cnn, crnn, short_chunk_resnet, linear, gbm, ensemble (of "
+                   "auto's best few) or auto")
+    p.add_argument("--candidates", metavar="NAMES",
+                   help="with --model auto: the models to try, comma-separated, e.g. "
+                   "linear,gbm,mfcc_cnn,ensemble (ensemble: the mean of the best of the others)")
+    p.add_argument("--ensemble-size", type=int, default=3, metavar="N",
+                   help="models an ensemble averages (default 3, at least 2)")
     p.add_argument("--registered-name", help="MLflow registered model (default mtag-tagger)")
     p.add_argument("--group-column", help="keep each group (e.g. artist) on one split side")
     p.add_argument("--valid-size", type=float, default=0.15)

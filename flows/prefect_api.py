@@ -12,14 +12,18 @@ from __future__ import annotations
 
 import atexit
 import contextlib
+import logging
 import os
 import subprocess
 import sys
 import threading
+import time
 from collections.abc import Iterator
 from typing import Any
 
 from flows.cluster import free_port
+
+log = logging.getLogger("mtag")
 
 _server: Any = None
 _started = False
@@ -75,41 +79,60 @@ class PrefectApi:
 
 
 class _LazyServer:
-    """Prefect's ``SubprocessASGIServer`` on a port chosen here, imported when started, whose
-    server process dies with this one (Linux: the parent-death signal), so a ``kill -9`` of
-    the command leaves no server behind.
+    """A temporary Prefect API server on a port chosen here, whose process dies with this one
+    (Linux: the parent-death signal), so a ``kill -9`` of the command leaves no server behind.
+
+    The server is Prefect 3.8's own ASGI app under uvicorn, started with the command and
+    environment Prefect's ``SubprocessASGIServer`` uses; it is spawned here rather than through
+    that class so that this process never imports ``prefect.server`` (about 6 CPU-seconds that
+    only the server process needs), and it is stopped without waiting for its shut-down (the
+    command's results are committed by then; the server exits on its own).
     """
 
     def __init__(self, port: int) -> None:
         self.port = port
         self.api_url = f"http://127.0.0.1:{port}/api"
-        self._server: Any = None
+        self._process: subprocess.Popen[Any] | None = None
 
     def start(self, timeout: int) -> None:
-        from prefect.server.api.server import SubprocessASGIServer
+        import httpx
+        import prefect
+        from prefect.settings import get_current_settings
 
-        class ParentBoundServer(SubprocessASGIServer):
-            def _run_uvicorn_command(self) -> subprocess.Popen[Any]:
-                # Prefect 3.8's own command and environment, plus the parent-death signal
-                import prefect
-                from prefect.settings import get_current_settings
-
-                env = {**os.environ, "PREFECT_UI_ENABLED": "0", "PREFECT__SERVER_EPHEMERAL": "1",
-                       "PREFECT__SERVER_FINAL": "1",
-                       **get_current_settings().to_environment_variables(exclude_unset=True)}
-                uvicorn = [sys.executable, "-m", "uvicorn", "--app-dir",
-                           str(prefect.__module_path__.parent), "--factory",
-                           "prefect.server.api.server:create_app", "--host", "127.0.0.1",
-                           "--port", str(self.port), "--log-level", "error", "--lifespan", "on"]
-                return subprocess.Popen([sys.executable, "-c", _BOUND_TO_PARENT, str(os.getpid()),
-                                         *uvicorn], env=env)
-
-        self._server = ParentBoundServer(port=self.port)
-        self._server.start(timeout=timeout)
+        log.info("starting a temporary Prefect API on %s", self.api_url)
+        env = {**os.environ, "PREFECT_UI_ENABLED": "0", "PREFECT__SERVER_EPHEMERAL": "1",
+               "PREFECT__SERVER_FINAL": "1",
+               **get_current_settings().to_environment_variables(exclude_unset=True)}
+        uvicorn = [sys.executable, "-m", "uvicorn", "--app-dir",
+                   str(prefect.__module_path__.parent), "--factory",
+                   "prefect.server.api.server:create_app", "--host", "127.0.0.1",
+                   "--port", str(self.port), "--log-level", "error", "--lifespan", "on"]
+        self._process = subprocess.Popen(
+            [sys.executable, "-c", _BOUND_TO_PARENT, str(os.getpid()), *uvicorn], env=env)
+        deadline = time.monotonic() + timeout
+        with httpx.Client(timeout=5.0) as client:
+            while True:
+                if self._process.poll() is not None:
+                    raise RuntimeError(f"the temporary Prefect API on port {self.port} exited "
+                                       f"with code {self._process.returncode} while starting")
+                try:
+                    if client.get(f"{self.api_url}/health").status_code == 200:
+                        return
+                except httpx.TransportError:
+                    pass
+                if time.monotonic() > deadline:
+                    self.stop()
+                    raise RuntimeError(f"the temporary Prefect API on port {self.port} did not "
+                                       f"answer within {timeout} s")
+                time.sleep(0.05)
 
     def stop(self) -> None:
-        if self._server is not None:
-            self._server.stop()
+        """Ask the server to exit (SIGTERM) and reap it if it already has; no waiting."""
+        process, self._process = self._process, None
+        if process is not None and process.poll() is None:
+            process.terminate()
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                process.wait(timeout=0.2)
 
 
 _BOUND_TO_PARENT = """

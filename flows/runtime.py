@@ -34,6 +34,8 @@ Warmup = tuple[Callable[..., Any], tuple[Any, ...]]
 
 def run_on_cluster(flow: Any, parameters: dict[str, Any], *, dask_address: str | None = None,
                    n_workers: int | None = None, warm: Sequence[Warmup] = (),
+                   preload: Sequence[str] = (),
+                   on_cluster: Callable[[ClusterInfo], None] | None = None,
                    echo: Echo = None) -> Any:
     """Run ``flow(**parameters, workers=...)`` with its tasks on a Dask cluster.
 
@@ -53,6 +55,12 @@ def run_on_cluster(flow: Any, parameters: dict[str, Any], *, dask_address: str |
         Worker processes of a local cluster (default: one per core).
     warm : sequence of (function, args)
         Run on every worker while the API boots (imports, filter banks, the model).
+    preload : sequence of str
+        Modules a local cluster's workers import before they start (once, in the process
+        they are forked from: :func:`flows.cluster.fork_workers`).
+    on_cluster : callable, optional
+        Called with the cluster once it is up and warming, before the wait for the API (a
+        head start hands its next shards to the workers there).
     echo : callable, optional
         Receives one line saying where the cluster and its dashboard are.
 
@@ -61,23 +69,28 @@ def run_on_cluster(flow: Any, parameters: dict[str, Any], *, dask_address: str |
     Whatever the flow returns (its summary dataclass).
     """
     with prefect_api(start=False) as api, dask_runner(dask_address, n_workers=n_workers,
-                                                      echo=echo) as (cluster, runner):
+                                                      preload=preload, echo=echo) as (cluster,
+                                                                                      runner):
         for fn, args in warm:
             cluster.warm(fn, *args)
+        if on_cluster is not None:
+            on_cluster(cluster)
         api.start()
         return flow.with_options(task_runner=runner)(**parameters, workers=cluster.threads)
 
 
 @contextlib.contextmanager
 def dask_runner(dask_address: str | None = None, *, n_workers: int | None = None,
-                echo: Echo = None) -> Iterator[tuple[ClusterInfo, DaskTaskRunner]]:
+                preload: Sequence[str] = (), echo: Echo = None
+                ) -> Iterator[tuple[ClusterInfo, DaskTaskRunner]]:
     """A cluster (see :func:`flows.cluster.dask_cluster`) and a task runner that submits to
     it; for flows that run pipeline flows as subflows (the scheduled ones), each subflow taking
     ``runner.duplicate()``.
     """
     from prefect_dask import DaskTaskRunner
 
-    with dask_cluster(dask_address, n_workers=n_workers, echo=echo) as cluster:
+    with dask_cluster(dask_address, n_workers=n_workers, preload=preload,
+                      echo=echo) as cluster:
         yield cluster, DaskTaskRunner(address=cluster.address)
 
 

@@ -1,15 +1,52 @@
-"""The columns the ingest path adds to every track beside its features: descriptors (tempo, key,
-loudness; computed by :mod:`tasks.descriptors`) and the file's own tags (:mod:`tasks.tags`).
-
-Declared here, without importing either module, so the store's schemas cost no compiled
-kernels to import.
+"""Column names of the store's tables, declared without importing the modules that compute
+them (the store's schemas and the command's preflight then import no librosa or compiled
+kernels): the per-segment summary statistics (:mod:`tasks.track`), the descriptors (tempo,
+key, loudness; :mod:`tasks.descriptors`) and the file's own tags (:mod:`tasks.tags`).
 """
 
 from __future__ import annotations
 
 import pyarrow as pa
 
+from tasks.config import FeatureConfig
 from tasks.tags import TAG_FIELDS
+
+SCALAR_FEATURES: tuple[str, ...] = (
+    "centroid",
+    "bandwidth",
+    "rolloff",
+    "flatness",
+    "zcr",
+    "rms",
+)
+"""Names of the one-value-per-frame features, in storage order."""
+
+
+def summary_columns(config: FeatureConfig) -> list[str]:
+    """Names of the per-segment summary statistics, in storage order.
+
+    Parameters
+    ----------
+    config : FeatureConfig
+
+    Returns
+    -------
+    list of str
+        ``mfcc_mean_00 ..``, ``mfcc_std_00 ..``, then chroma and contrast the same way, then
+        ``<scalar>_mean`` and ``<scalar>_std`` for each of :data:`SCALAR_FEATURES`.
+    """
+    cols: list[str] = []
+    for group, size in (
+        ("mfcc", config.n_mfcc),
+        ("chroma", config.n_chroma),
+        ("contrast", config.contrast_bands + 1),
+    ):
+        for stat in ("mean", "std"):
+            cols += [f"{group}_{stat}_{i:02d}" for i in range(size)]
+    for name in SCALAR_FEATURES:
+        cols += [f"{name}_mean", f"{name}_std"]
+    return cols
+
 
 DESCRIPTOR_COLUMNS: list[tuple[str, str, str, str, str]] = [
     ("loudness_lufs", "float32", "LUFS",

@@ -32,17 +32,8 @@ import numpy as np
 import scipy.fft
 
 from tasks import kernels
+from tasks.columns import SCALAR_FEATURES
 from tasks.config import FeatureConfig
-
-SCALAR_FEATURES: tuple[str, ...] = (
-    "centroid",
-    "bandwidth",
-    "rolloff",
-    "flatness",
-    "zcr",
-    "rms",
-)
-"""Names of the one-value-per-frame features, in storage order."""
 
 _TINY32 = float(np.finfo(np.float32).tiny)
 

@@ -16,36 +16,11 @@ from typing import Any
 import numpy as np
 
 from tasks.audio import LevelMeter, StreamResampler, to_mono, valid_audio
+from tasks.columns import summary_columns
 from tasks.config import FeatureConfig
 from tasks.features import SCALAR_FEATURES, SpectralExtractor, contrast_db, max_db
 from tasks.segment import Segment, SegmentStream
 from tasks.units import Hz
-
-
-def summary_columns(config: FeatureConfig) -> list[str]:
-    """Names of the per-segment summary statistics, in storage order.
-
-    Parameters
-    ----------
-    config : FeatureConfig
-
-    Returns
-    -------
-    list of str
-        ``mfcc_mean_00 ..``, ``mfcc_std_00 ..``, then chroma and contrast the same way, then
-        ``<scalar>_mean`` and ``<scalar>_std`` for each of :data:`SCALAR_FEATURES`.
-    """
-    cols: list[str] = []
-    for group, size in (
-        ("mfcc", config.n_mfcc),
-        ("chroma", config.n_chroma),
-        ("contrast", config.contrast_bands + 1),
-    ):
-        for stat in ("mean", "std"):
-            cols += [f"{group}_{stat}_{i:02d}" for i in range(size)]
-    for name in SCALAR_FEATURES:
-        cols += [f"{name}_mean", f"{name}_std"]
-    return cols
 
 
 @dataclass

@@ -89,10 +89,28 @@ def started_ingest(tmp_path, n=16, seconds=20.0):
                              "--no-progress"], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                             text=True, env=_own_api_env())
     deadline = time.time() + 300
-    while time.time() < deadline and not list((store / "features").glob("*/tensors/*.arrow")):
+    # extracting (the head start writes before the cluster is up), with the temporary API and
+    # the workers (children of the fork server) running
+    while time.time() < deadline and not (
+            list((store / "features").glob("*/tensors/*.arrow"))
+            and {"uvicorn", "forkserver"} <= {w for p in descendants(proc.pid)
+                                              for w in _kinds(p)}):
         assert proc.poll() is None, proc.communicate()
         time.sleep(0.05)
     return proc, store
+
+
+def _kinds(p):
+    import psutil
+
+    try:
+        line = " ".join(p.cmdline())
+    except psutil.Error:
+        return set()
+    kinds = {k for k in ("uvicorn", "forkserver") if k in line}
+    if "forkserver" in kinds and not p.children():
+        kinds.discard("forkserver")  # no worker forked yet
+    return kinds
 
 
 def _own_api_env():
