@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import bisect
 import heapq
+import itertools
 import math
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -63,8 +65,8 @@ def plan_shards(records: list[ProbeRecord], feature_set: str, *, shard_minutes: 
     shard_minutes : float > 0
         Upper target of audio per shard.
     workers : int
-        Worker slots: there are at least two shards per slot, and on small catalogues the
-        shard count is a multiple of the slots, so no worker idles at the end.
+        Worker slots: there are at least two shards' worth of work per slot; on small
+        catalogues the shards taper (see :func:`_sizes`), so no worker idles at the end.
     max_tracks : int
         Upper bound of tracks per shard.
 
@@ -88,12 +90,13 @@ def plan_shards(records: list[ProbeRecord], feature_set: str, *, shard_minutes: 
     if n < 8 * workers:
         n = math.ceil(n / workers) * workers
     n = min(n, len(ordered))
-    target = total / n
-    groups: list[list[ProbeRecord]] = [[] for _ in range(n)]
+    bounds = list(itertools.accumulate(_sizes(total, n, workers, shard_minutes * 60.0)))
+    groups: list[list[ProbeRecord]] = [[] for _ in bounds]
     done, last = 0.0, 0
     for r in ordered:
-        # contiguous and balanced: a track goes to the shard its cost midpoint falls in
-        k = max(min(n - 1, int((done + cost(r) / 2) / target)), last)
+        # contiguous: a track goes to the shard its cost midpoint falls in
+        k = max(bisect.bisect_right(bounds, done + cost(r) / 2), last)
+        k = min(k, len(groups) - 1)
         while k < len(groups) and len(groups[k]) >= max_tracks:
             k += 1
         if k == len(groups):
@@ -107,6 +110,27 @@ def plan_shards(records: list[ProbeRecord], feature_set: str, *, shard_minutes: 
             shard_id = "s-" + short_hash(feature_set, *sorted(r.track_id for r in members))
             shards.append(ShardPlan(shard_id, feature_set, tuple(members)))
     return sorted(shards, key=lambda s: -s.audio_s)
+
+
+def _sizes(total: float, n: int, workers: int, cap: float = math.inf) -> list[float]:
+    """Shard sizes (cost) for ``n`` even shards' worth of work: a catalogue of fewer than
+    eight shards per worker slot tapers, each shard a ``1/(2*workers)`` share of what is left
+    but none under a third of an even shard, so the last shards to start are small and no
+    worker finishes long after the others (guided self-scheduling); larger catalogues keep
+    ``n`` even shards (their tail is already under an eighth of a worker's share). No shard
+    is over ``cap``.
+    """
+    even = total / n
+    if n >= 8 * workers or workers < 1:
+        return [even] * n
+    sizes, left, smallest = [], total, even / 3
+    while left > 0:
+        size = min(even * 2, cap, max(smallest, left / (2 * workers)))
+        if left - size < smallest / 2:
+            size = left
+        sizes.append(size)
+        left -= size
+    return sizes
 
 
 def batch_shards(shards: list[ShardPlan], max_tasks: int = MAX_TASK_RUNS) -> list[ShardBatch]:
