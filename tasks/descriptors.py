@@ -28,6 +28,7 @@ from a tracked beat sequence.
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
@@ -952,16 +953,25 @@ class KeyEstimator:
         if not np.isfinite(mean).all() or not np.any(mean > 0) or float(np.ptp(mean)) <= 1e-12:
             self._finished = KeyResult(None, None, None)
             return self._finished
-        major, minor = _PROFILES[self.profile]
-        best = (-2.0, 0, "major")
-        for mode, prof in (("major", major), ("minor", minor)):
-            for tonic in range(12):
-                r = float(np.corrcoef(mean, np.roll(prof, tonic))[0, 1])
-                if r > best[0]:
-                    best = (r, tonic, mode)
-        r, tonic, mode = best
-        self._finished = KeyResult(KEY_NAMES[tonic], mode, r)
+        # Pearson correlation with all 24 rotated profiles in one product (the first best
+        # wins: major before minor, tonic C upwards)
+        z = (mean - mean.mean()) / mean.std()
+        r = _key_templates(self.profile) @ z / 12.0
+        best = int(np.argmax(r))
+        self._finished = KeyResult(KEY_NAMES[best % 12], "major" if best < 12 else "minor",
+                                   float(r[best]))
         return self._finished
+
+
+@functools.cache
+def _key_templates(profile: str) -> np.ndarray:
+    """The 24 key profiles (12 major tonics, then 12 minor), each rotated to its tonic and
+    standardised (zero mean, unit population std): ``templates @ z / 12`` is Pearson's r.
+    """
+    rows = [np.roll(np.asarray(prof, dtype=np.float64), tonic)
+            for prof in _PROFILES[profile] for tonic in range(12)]
+    t = np.array(rows)
+    return (t - t.mean(axis=1, keepdims=True)) / t.std(axis=1, keepdims=True)
 
 
 # =========================================================================================
