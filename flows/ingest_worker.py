@@ -51,10 +51,16 @@ HASH_ATTEMPTS = 3
 
 @functools.lru_cache(maxsize=4)
 def _extractor(config_json: str) -> SpectralExtractor:
-    """One extractor (window, filter banks) per worker process and config."""
+    """One extractor (window, filter banks) per worker process and config.
+
+    On the feature device ``MTAG_FEATURE_DEVICE`` names (default ``auto``: a GPU if present;
+    :func:`tasks.torch_features.make_extractor`).
+    """
     import json
 
-    return SpectralExtractor(FeatureConfig.from_dict(json.loads(config_json)))
+    from tasks.torch_features import make_extractor
+
+    return make_extractor(FeatureConfig.from_dict(json.loads(config_json)))
 
 
 def warm_worker(config_json: str) -> str:
