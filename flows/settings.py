@@ -85,6 +85,8 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("MTAG_TIMEZONE", "UTC", "time zone of the schedules"),
     Setting("MTAG_WORK_POOL", "mtag-process", "Prefect work pool the deployments run in"),
     Setting("MTAG_NEIGHBOURS_K", "10", "neighbours per track written after scoring"),
+    Setting("MTAG_FEATURE_DEVICE", "auto", "where ingest workers compute frame features: "
+            "auto (a GPU if present), cpu, cuda or cuda:N"),
     Setting("MTAG_CONFIG", None, "optional YAML file with any of the MTAG_* settings above "
             "(lower-case keys without the prefix)"),
 )
