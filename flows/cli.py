@@ -273,8 +273,8 @@ def build_parser() -> argparse.ArgumentParser:
                         help="labels from the files' own tags, e.g. genre (with "
                              "--group-column artist: one artist never on both split sides)")
     p.add_argument("--model", default="auto",
-                   help="cnn, mfcc_cnn, crnn, short_chunk_resnet, linear, gbm, ensemble (of "
-                   "auto's best few) or auto")
+                   help="cnn, mfcc_cnn, crnn, short_chunk_resnet, transformer, linear, gbm, "
+                   "ensemble (of auto's best few) or auto")
     p.add_argument("--candidates", metavar="NAMES",
                    help="with --model auto: the models to try, comma-separated, e.g. "
                    "linear,gbm,mfcc_cnn,ensemble (ensemble: the mean of the best of the others)")
@@ -397,6 +397,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.config:
         os.environ["MTAG_CONFIG"] = args.config
     apply_defaults(quiet=not args.verbose)
+    if args.verbose:  # the project's own log lines (the head start's, the preflight's) too
+        import logging
+
+        handler = logging.StreamHandler()
+        handler.setFormatter(logging.Formatter("%(asctime)s.%(msecs)03d | %(levelname)-7s | "
+                                               "%(name)s - %(message)s", "%H:%M:%S"))
+        logger = logging.getLogger("mtag")
+        logger.addHandler(handler)
+        logger.setLevel(logging.INFO)
     from tasks.errors import MtagError
 
     signal.signal(signal.SIGTERM, _interrupt)  # stop like Ctrl-C: every `with` cleans up
