@@ -22,6 +22,7 @@ from featurestore.reader import read_shard_table, shard_matrices
 from featurestore.scores import ScoredModel, ScorePartWriter, ScoreStore
 from featurestore.store import FeatureStore
 from flows.records import ScorePartResult, ScorePlan
+from tasks.errors import SchemaError
 from tasks.predictions import align_classes, score_rows
 
 CPU_BATCH = 256
@@ -84,7 +85,8 @@ def _score_shard(store: FeatureStore, model: ScoredModel, predictor: Any, shard:
     fs = model.feature_set
     tracks = read_shard_table(store, fs, shard, "tracks", ["track_id", "path"]).to_pydict()
     path_of = dict(zip(tracks["track_id"], tracks["path"], strict=True))
-    summary_cols = list(predictor.meta["columns"]) if predictor.input == "summary" else []
+    summary_cols = list(predictor.meta["columns"]) if predictor.input in ("summary", "mixed") \
+        else []
     seg = read_shard_table(store, fs, shard, "segments",
                            ["track_id", "segment", "start_s", "tensor_row", *summary_cols])
     seg_ids = seg["track_id"].to_numpy(zero_copy_only=False)
@@ -93,6 +95,15 @@ def _score_shard(store: FeatureStore, model: ScoredModel, predictor: Any, shard:
         # track_id and segment too: a track-pooled classic model pools each track's rows
         frame = seg.select(["track_id", "segment", *summary_cols]).to_pandas()
         probs, emb = predictor.predict(frame, embeddings=True)
+        ids, numbers = seg_ids, seg_no
+    elif predictor.input == "mixed":
+        # an ensemble whose members read different inputs (training.ensemble): the whole
+        # shard at once, as a dict of the summary rows and each tensor, row-aligned
+        frame = seg.select(["track_id", "segment", *summary_cols]).to_pandas()
+        probs, emb = predictor.predict({"summary": frame, **{
+            kind: _shard_tensor(store, fs, tensor_file, kind, seg)
+            for kind in predictor.meta["inputs"] if kind != "summary"}},
+            embeddings=True, batch_size=batch)
         ids, numbers = seg_ids, seg_no
     else:
         parts = [(t, s, *predictor.predict(m, embeddings=True, batch_size=batch))
@@ -113,6 +124,24 @@ def _score_shard(store: FeatureStore, model: ScoredModel, predictor: Any, shard:
     track_rows["path"] = [path_of.get(t) for t in track_rows["track_id"]]
     segment_rows["start_s"] = start_s
     return track_rows, segment_rows
+
+
+def _shard_tensor(store: FeatureStore, fs: str, tensor_file: str | None, kind: str,
+                  seg: Any) -> np.ndarray:
+    """The ``kind`` matrices of the segments ``seg`` (a shard's segments rows), in its row
+    order.
+    """
+    rows = seg["tensor_row"].to_numpy()
+    got = list(shard_matrices(store, fs, tensor_file, kind, rows=rows)) if tensor_file else []
+    if not got:
+        if len(rows):
+            raise SchemaError(f"shard segments of feature set {fs} have no {kind} tensors")
+        return np.zeros((0, 0, 0), np.float32)
+    at = np.searchsorted(np.unique(rows), rows)  # the file's rows come in ascending order
+    ids = np.concatenate([g[0] for g in got])[at]
+    if not np.array_equal(ids, seg["track_id"].to_numpy(zero_copy_only=False)):
+        raise SchemaError(f"{tensor_file}: tensor rows do not match the segments table")
+    return np.concatenate([g[2] for g in got])[at]
 
 
 def _align_start(ids: np.ndarray, numbers: np.ndarray, start_s: np.ndarray,

@@ -5,7 +5,8 @@ after the registered model. ``--model auto`` on fewer than
 :data:`~training.select.CV_MAX_TRACKS` labelled tracks cross-validates its candidates over
 train + valid and keeps the cheapest within one standard error of the best
 (:func:`training.select.choose`), refitted on train + valid; on more, the best candidate on
-validation macro-F1. The chosen one is registered and gets alias ``candidate``; alias
+validation macro-F1. The ensemble of the best few singles (:mod:`training.ensemble`) is a
+candidate too, the dearest one. The chosen one is registered and gets alias ``candidate``; alias
 ``champion`` moves only if the candidate beats the current champion on the same evaluation
 split (the candidate's test tracks), and the comparison is logged.
 
@@ -37,11 +38,12 @@ from prefect.cache_policies import NO_CACHE
 from flows.progress import Progress
 from flows.records import from_fields
 from flows.report import publish, run_id
-from flows.train_worker import fit_and_log, register_and_promote
+from flows.train_worker import ensemble_and_log, fit_and_log, register_and_promote
 from tasks.errors import MtagError, ParameterError, StoreError
 from training import tracking
 from training.artifact import Predictor
 from training.artifact import load as load_artifact
+from training.ensemble import DEFAULT_SIZE, ENSEMBLE, MIN_SIZE, pick_members
 from training.labels import DROP_REASONS, read_labels, require_classes, tag_source
 from training.loop import TrainConfig, pick_device
 from training.select import CV_MAX_TRACKS, choose, cv_folds, folds_per_repeat
@@ -50,6 +52,8 @@ from training.trainer import MODEL_NAMES, Prepared, evaluate_split, prepare
 
 DEFAULT_NAME = "mtag-tagger"
 SMALL_DATA_TRACKS = 300
+CANDIDATE_NAMES = (*MODEL_NAMES, ENSEMBLE)
+"""What ``--candidates`` may name."""
 
 
 CPU_AUTO_PARAMS: dict[str, dict[str, Any]] = {
@@ -71,7 +75,8 @@ class TrainSummary:
         The best candidate on validation macro-F1 (one of ``candidates``).
     candidates : list of dict
         One result per candidate, in training order (see
-        :func:`flows.train_worker.fit_and_log`).
+        :func:`flows.train_worker.fit_and_log`); the ensemble's last, with its ``members``
+        (:func:`flows.train_worker.ensemble_and_log`).
     promotion : dict
         The registered version and the promotion decision (see
         :func:`flows.train_worker.register_and_promote`).
@@ -125,7 +130,7 @@ def split_line(counts: dict[str, int]) -> str:
 
 def candidate_line(result: dict[str, Any]) -> str:
     """One candidate's validation (or cross-validation) macro-F1, test accuracy, macro-F1
-    and calibration error.
+    and calibration error (an ensemble's line names its members).
     """
     cv = result.get("cv")
     chosen_on = (f"CV macro-F1 {cv['mean']:.4f} ± {cv['std']:.4f} (SE {cv['se']:.4f}, "
@@ -133,8 +138,15 @@ def candidate_line(result: dict[str, Any]) -> str:
                  f"valid macro-F1 {result['valid_macro_f1']:.4f}")
     test = result["test"]
     ece = f", ECE {test['ece']:.3f}" if "ece" in test else ""
-    return (f"  {result['model']}: {chosen_on}, test accuracy {test['accuracy']:.4f}, "
+    return (f"  {model_label(result)}: {chosen_on}, test accuracy {test['accuracy']:.4f}, "
             f"macro-F1 {test['macro_f1']:.4f}{ece}")
+
+
+def model_label(result: dict[str, Any]) -> str:
+    """A candidate's model name; an ensemble's with its members (``ensemble (linear + gbm)``)."""
+    members = result.get("members")
+    return f"{result['model']} ({' + '.join(m['model'] for m in members)})" if members \
+        else str(result["model"])
 
 
 def selection_line(selection: dict[str, Any]) -> str:
@@ -147,14 +159,15 @@ def selection_line(selection: dict[str, Any]) -> str:
 
 
 def auto_candidates(n_tracks: int, *, accelerated: bool = False) -> list[str]:
-    """Models ``--model auto`` tries: cheap ones always; from 300 tracks the short-chunk
-    ResNet (CPU-sized without a GPU, see :data:`CPU_AUTO_PARAMS`) and, on a GPU, the CRNN
-    (the slowest on CPU: 27 minutes on philharmonia; ``--model crnn`` still asks for it).
+    """Single models ``--model auto`` tries: cheap ones always; from 300 tracks the
+    short-chunk ResNet (CPU-sized without a GPU, see :data:`CPU_AUTO_PARAMS`) and, on a GPU,
+    the transformer and the CRNN (the slowest on CPU: 27 minutes on philharmonia; ``--model
+    crnn`` still asks for it). The flow adds the ensemble of the best ones.
     """
     base = ["linear", "gbm", "mfcc_cnn", "cnn"]
     if n_tracks < SMALL_DATA_TRACKS:
         return base
-    return [*base, "crnn", "short_chunk_resnet"] if accelerated else [
+    return [*base, "transformer", "crnn", "short_chunk_resnet"] if accelerated else [
         *base, "short_chunk_resnet"]
 
 
@@ -169,8 +182,45 @@ def cv_candidates(n_tracks: int, *, accelerated: bool = False) -> list[str]:
 
 
 def uses_cv(model: str, n_tracks: int) -> bool:
-    """Whether a run chooses by cross-validation: ``auto`` below :data:`CV_MAX_TRACKS`."""
-    return model == "auto" and n_tracks < CV_MAX_TRACKS
+    """Whether a run chooses by cross-validation: ``auto`` (or ``ensemble``, whose members
+    are ``auto``'s candidates) below :data:`CV_MAX_TRACKS`.
+    """
+    return model in ("auto", ENSEMBLE) and n_tracks < CV_MAX_TRACKS
+
+
+def check_candidates(model: str, candidates: list[str] | None,
+                     ensemble_size: int = DEFAULT_SIZE) -> None:
+    """Refuse a ``--candidates`` list (or ``--ensemble-size``) :func:`train_flow` cannot use.
+
+    Raises
+    ------
+    ParameterError
+        Candidates without ``--model auto``, an empty list, an unknown or repeated name, an
+        ensemble with fewer than two other candidates, or an ensemble size below two.
+    """
+    if ensemble_size < MIN_SIZE:
+        raise ParameterError(f"--ensemble-size {ensemble_size}: an ensemble averages at "
+                             f"least {MIN_SIZE} models")
+    if candidates is None:
+        return
+    if model != "auto":
+        raise ParameterError(f"--candidates needs --model auto (got --model {model}); "
+                             "leave --candidates out to train that one model")
+    if not candidates:
+        raise ParameterError("--candidates names no model; pass comma-separated names such "
+                             "as linear,gbm,ensemble")
+    unknown = [c for c in candidates if c not in CANDIDATE_NAMES]
+    if unknown:
+        raise ParameterError(f"unknown candidate{'s' if len(unknown) > 1 else ''} "
+                             f"{', '.join(map(repr, unknown))} (--candidates); choose from "
+                             f"{', '.join(CANDIDATE_NAMES)}")
+    repeated = sorted({c for c in candidates if candidates.count(c) > 1})
+    if repeated:
+        raise ParameterError(f"--candidates names {', '.join(repeated)} more than once")
+    if ENSEMBLE in candidates and len(candidates) - 1 < MIN_SIZE:
+        raise ParameterError(f"--candidates {','.join(candidates)}: an ensemble averages at "
+                             f"least {MIN_SIZE} of the other candidates; name two or more "
+                             "models beside it")
 
 
 def auto_params(model: str, *, accelerated: bool) -> dict[str, Any] | None:
@@ -201,10 +251,13 @@ def checked_prepare(store: str, labels: str, *, group_column: str | None = None,
 def preflight(store: str, labels: str, *, model: str = "auto", group_column: str | None = None,
               valid_size: float = 0.15, test_size: float = 0.15,
               train_config: dict[str, Any] | None = None,
-              model_params: dict[str, Any] | None = None, as_of: str | None = None) -> Prepared:
+              model_params: dict[str, Any] | None = None, as_of: str | None = None,
+              candidates: list[str] | None = None, ensemble_size: int = DEFAULT_SIZE
+              ) -> Prepared:
     """Check what :func:`train_flow` would be given, before any flow run starts.
 
-    The model name, its parameters, the training config and device, the split sizes, then
+    The model name, its parameters, the candidates (:func:`check_candidates`), the training
+    config and device, the split sizes, then
     the labels file on its own (missing, empty, not CSV/Parquet, columns) and matched to the
     store (nothing matching, one class, classes too small to split). Returns the prepared
     set (the flow prepares its own).
@@ -215,14 +268,18 @@ def preflight(store: str, labels: str, *, model: str = "auto", group_column: str
         A :class:`~tasks.errors.ParameterError` (or :class:`~tasks.errors.StoreError`) that
         says what is wrong and what to do.
     """
-    if model != "auto" and model not in MODEL_NAMES:
+    if model != "auto" and model not in CANDIDATE_NAMES:
         raise ParameterError(f"unknown model {model!r} (--model); choose from "
-                             f"{', '.join(MODEL_NAMES)} or auto")
+                             f"{', '.join(CANDIDATE_NAMES)} or auto")
     if model_params is not None and not isinstance(model_params, dict):
         raise ParameterError(f"--model-params must be a JSON object such as "
                              f"'{{\"channels\": 64}}', not {json.dumps(model_params)}")
+    if model_params and model == ENSEMBLE:
+        raise ParameterError("--model-params set one model's config; --model ensemble fits "
+                             "auto's candidates at their own settings")
     if model_params and model != "auto":
         _check_model_params(model, model_params)
+    check_candidates(model, candidates, ensemble_size)
     tc = _train_config(train_config)
     _check_device(tc.device)
     check_sizes(valid_size, test_size)
@@ -237,20 +294,23 @@ def run_train(store: str, labels: str, *, model: str = "auto",
               valid_size: float = 0.15, test_size: float = 0.15,
               train_config: dict[str, Any] | None = None,
               model_params: dict[str, Any] | None = None, workdir: str | None = None,
-              as_of: str | None = None, quiet: bool = True) -> TrainSummary:
+              as_of: str | None = None, quiet: bool = True,
+              candidates: list[str] | None = None, ensemble_size: int = DEFAULT_SIZE
+              ) -> TrainSummary:
     """:func:`preflight`, then :func:`train_flow`; with ``quiet`` an
     :class:`~tasks.errors.MtagError` raised inside the run is not logged to the console
     with its traceback (it still reaches the caller, and the run's API logs).
     """
     preflight(store, labels, model=model, group_column=group_column, valid_size=valid_size,
               test_size=test_size, train_config=train_config, model_params=model_params,
-              as_of=as_of)
+              as_of=as_of, candidates=candidates, ensemble_size=ensemble_size)
     with quiet_expected_errors() if quiet else contextlib.nullcontext():
         return train_flow(store=store, labels=labels, model=model,
                           registered_name=registered_name, group_column=group_column,
                           valid_size=valid_size, test_size=test_size,
                           train_config=train_config, model_params=model_params,
-                          workdir=workdir, as_of=as_of)
+                          workdir=workdir, as_of=as_of, candidates=candidates,
+                          ensemble_size=ensemble_size)
 
 
 class _HideExpected(logging.Filter):
@@ -346,6 +406,13 @@ def fit_task(prep: Prepared, model: str, workdir: str, train_config: TrainConfig
     return fit_and_log(prep, model, workdir, train_config, model_params, name, folds)
 
 
+@task(name="fit-ensemble", cache_policy=NO_CACHE)
+def ensemble_task(prep: Prepared, members: list[dict[str, Any]], workdir: str,
+                  train_config: TrainConfig, name: str, folds: list[Any] | None = None
+                  ) -> dict[str, Any]:
+    return ensemble_and_log(prep, members, workdir, train_config, name, folds)
+
+
 @task(name="register-and-promote", cache_policy=NO_CACHE)
 def promote_task(prep: Prepared, best: dict[str, Any], name: str) -> dict[str, Any]:
     """Register ``best``, set ``candidate``, and move ``champion`` if it wins."""
@@ -360,18 +427,17 @@ def train_flow(store: str, labels: str, model: str = "auto", registered_name: st
                group_column: str | None = None, valid_size: float = 0.15,
                test_size: float = 0.15, train_config: dict[str, Any] | None = None,
                model_params: dict[str, Any] | None = None, workdir: str | None = None,
-               as_of: str | None = None, candidates: list[str] | None = None
-               ) -> TrainSummary:
+               as_of: str | None = None, candidates: list[str] | None = None,
+               ensemble_size: int = DEFAULT_SIZE) -> TrainSummary:
     """Train, evaluate, register and promote; return a :class:`TrainSummary`.
 
     ``as_of`` rebuilds a past training set: a ``tracks`` table version or an ISO timestamp
     (the versions read are logged with every run either way). ``candidates`` replaces the
-    models ``auto`` tries (cheapest first, e.g. ``["linear", "gbm"]``).
+    models ``auto`` tries (cheapest first, e.g. ``["linear", "gbm"]``; ``"ensemble"`` adds
+    the ensemble of the best ``ensemble_size`` of the others). ``model="ensemble"`` fits
+    ``auto``'s single candidates and registers their ensemble.
     """
-    if candidates is not None and (model != "auto" or not candidates or
-                                   set(candidates) - set(MODEL_NAMES)):
-        raise ParameterError(f"candidates {candidates!r} need --model auto and names from "
-                             f"{', '.join(MODEL_NAMES)}")
+    check_candidates(model, candidates, ensemble_size)
     from featurestore.store import FeatureStore
 
     logger = get_run_logger()
@@ -392,13 +458,14 @@ def train_flow(store: str, labels: str, model: str = "auto", registered_name: st
     accelerated = pick_device(tc.device).type != "cpu"
     n_tracks = len(prep.labels.frame)
     cv = uses_cv(model, n_tracks)
-    if model != "auto":
+    several = model in ("auto", ENSEMBLE)
+    if not several:
         candidates = [model]
     elif not candidates:
-        candidates = (cv_candidates if cv else auto_candidates)(n_tracks,
-                                                                accelerated=accelerated)
-    params = {c: model_params if model != "auto" else auto_params(c, accelerated=accelerated)
-              for c in candidates}
+        candidates = [*(cv_candidates if cv else auto_candidates)(
+            n_tracks, accelerated=accelerated), ENSEMBLE]
+    params = {c: auto_params(c, accelerated=accelerated) if several else model_params
+              for c in candidates if c != ENSEMBLE}
     folds = cv_folds(prep.labels.frame, prep.splits, seed=tc.seed) if cv else None
     work = workdir or tempfile.mkdtemp(prefix="mtag-train-")
     flow_run = run_id()
@@ -406,10 +473,15 @@ def train_flow(store: str, labels: str, model: str = "auto", registered_name: st
     with tracking.parent_run(exp, f"train-{model}", {"prefect_flow_run_id": flow_run}
                              if flow_run else None) as parent_id:
         results = _fit_candidates(prep, params, work, tc, name, folds)
-        best, selection = _select(results, candidates, folds)
+        if ENSEMBLE in candidates:
+            results += _ensemble(prep, results, model, ensemble_size, work, tc, name, folds)
+        best, selection = _select(results, candidates, folds,
+                                  forced=ENSEMBLE if model == ENSEMBLE else None)
         logger.info("%s", selection_line(selection))
         tracking.log_params({"best_model": best["model"], "candidates": candidates,
-                             "selection": selection["regime"]})
+                             "selection": selection["regime"]}
+                            | ({"best_members": [m["model"] for m in best["members"]]}
+                               if best.get("members") else {}))
         tracking.log_metrics({f"cv_{row['model']}_{k}": row[k] for row in
                               selection.get("table", []) for k in ("mean", "std", "se")})
         tracking.log_document(selection, "model_choice.json")
@@ -441,17 +513,50 @@ def _fit_candidates(prep: Prepared, params: dict[str, dict[str, Any] | None], wo
     return results
 
 
-def _select(results: list[dict[str, Any]], candidates: list[str], folds: list[Any] | None
-            ) -> tuple[dict[str, Any], dict[str, Any]]:
-    """The result to register and how it was chosen (see :attr:`TrainSummary.selection`)."""
+def _ensemble(prep: Prepared, results: list[dict[str, Any]], model: str, size: int,
+              work: str, tc: TrainConfig, name: str, folds: list[Any] | None
+              ) -> list[dict[str, Any]]:
+    """The ensemble of the best ``size`` of ``results`` as a one-item list (empty, with a
+    warning, when fewer than two have a score and ``model`` is ``auto``).
+    """
+    chosen = pick_members({r["model"]: r["valid_macro_f1"] for r in results}, size)
+    if len(chosen) < MIN_SIZE:
+        message = (f"no ensemble: it needs {MIN_SIZE} candidates with a score, "
+                   f"{len(chosen)} have one")
+        if model == ENSEMBLE:
+            raise ParameterError(message)
+        get_run_logger().warning("%s", message)
+        return []
+    get_run_logger().info("ensembling %s ...", ", ".join(chosen))
+    by_model = {r["model"]: r for r in results}
+    res = ensemble_task(prep, [by_model[m] for m in chosen], work, tc, name, folds)
+    get_run_logger().info("%s", candidate_line(res))
+    return [res]
+
+
+def _select(results: list[dict[str, Any]], candidates: list[str], folds: list[Any] | None,
+            forced: str | None = None) -> tuple[dict[str, Any], dict[str, Any]]:
+    """The result to register and how it was chosen (see :attr:`TrainSummary.selection`);
+    ``forced`` names the model to register whatever the scores (``--model ensemble``).
+
+    The ensemble competes as the dearest candidate: under cross-validation it is last in the
+    cost order of the one-standard-error rule, so it wins only when its mean exceeds every
+    single's by more than its standard error; on validation a tie goes to the single.
+    """
     if folds:
         k = folds_per_repeat(folds)
         choice = choose({r["model"]: r["cv"]["scores"] for r in results}, k)
+        if forced:
+            choice |= {"chosen": forced, "rule": f"--model {forced}"}
         best = next(r for r in results if r["model"] == choice["chosen"])
         return best, {"regime": "cv", **choice, "folds": k,
                       "repeats": max(r["cv"]["repeats"] for r in results)}
-    best = max(results, key=lambda r: (np.nan_to_num(r["valid_macro_f1"], nan=-1.0),
-                                       -candidates.index(r["model"])))
+    if forced:
+        best = next(r for r in results if r["model"] == forced)
+        return best, {"regime": "holdout", "chosen": forced, "rule": f"--model {forced}"}
+    last = len(candidates)  # the ensemble, the dearest, loses ties wherever it is listed
+    best = max(results, key=lambda r: (np.nan_to_num(r["valid_macro_f1"], nan=-1.0), -(
+        last if r["model"] == ENSEMBLE else candidates.index(r["model"]))))
     return best, {"regime": "holdout", "chosen": best["model"],
                   "rule": "highest validation macro-F1" if len(results) > 1 else
                   "the one model asked for"}
@@ -469,7 +574,7 @@ def _publish(summary: TrainSummary) -> None:
                                   if k not in ("rows", "tracks")),
         "test accuracy": best["test"].get("accuracy"), "test macro-F1":
         best["test"].get("macro_f1"), "MLflow run": summary.parent_run_id},
-        [{"model": r["model"], "valid macro-F1": r["valid_macro_f1"],
+        [{"model": model_label(r), "valid macro-F1": r["valid_macro_f1"],
           "CV std": (r.get("cv") or {}).get("std"),
           "test accuracy": r["test"].get("accuracy"), "test macro-F1":
           r["test"].get("macro_f1"), "train s": r["train_seconds"]}

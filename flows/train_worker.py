@@ -1,5 +1,5 @@
-"""Worker-side bodies of the train tasks: fit one candidate in its MLflow run, register the best
-one and move the ``champion`` alias only if it wins.
+"""Worker-side bodies of the train tasks: fit one candidate in its MLflow run, ensemble the best
+few, register the best one and move the ``champion`` alias only if it wins.
 
 Plain functions (the Prefect wrappers are in :mod:`flows.train`). They connect the trainer
 (:mod:`training.trainer`) and its reports and plots (:mod:`training.evaluate`) to MLflow, whose
@@ -18,10 +18,11 @@ import numpy as np
 from tasks.version import CODE_VERSION
 from training import tracking
 from training.artifact import load as load_artifact
+from training.ensemble import ENSEMBLE, Member, fit_ensemble
 from training.evaluate import confusion_png, curves_png, reliability_png, render_report
 from training.loop import TrainConfig
 from training.select import CVResult, cross_validate, refit_split
-from training.trainer import FitOutput, Prepared, evaluate_split, fit_candidate
+from training.trainer import MIXED, FitOutput, Prepared, evaluate_split, fit_candidate
 
 
 def fit_and_log(prep: Prepared, model: str, workdir: str, train_config: TrainConfig,
@@ -39,16 +40,12 @@ def fit_and_log(prep: Prepared, model: str, workdir: str, train_config: TrainCon
         ``model``, ``run_id``, ``model_uri``, ``valid_macro_f1`` (with ``folds``: the CV
         mean), ``cv`` (with ``folds``: :meth:`training.select.CVResult.summary`), ``test``
         (the test-track report), ``calibration``, ``train_tracks``, ``artifact_dir``,
-        ``segments_per_s``, ``train_seconds``, ``data_wait_share`` and ``registered_name``.
+        ``held_out`` (the ``.npz`` of the held-out predictions it was calibrated on, for an
+        ensemble), ``segments_per_s``, ``train_seconds``, ``data_wait_share`` and
+        ``registered_name``.
     """
     with tracking.child_run(model) as run_id:
-        tracking.log_params({
-            "model": model, "feature_set": prep.feature_set, "label_set": prep.labels.digest,
-            "classes": prep.labels.classes, "multi_label": prep.labels.multi_label,
-            "split": prep.split_counts(), "seed": train_config.seed,
-            "code_version": CODE_VERSION, "table_versions": prep.versions,
-            "label_rows": prep.labels.counts(),  # rows read, tracks kept, dropped per reason
-        })
+        _log_run_params(prep, model, train_config)
 
         def on_epoch(epoch: int, m: dict[str, float]) -> None:
             tracking.log_metrics({f"epoch_{k}": v for k, v in m.items()}, step=epoch)
@@ -69,16 +66,76 @@ def fit_and_log(prep: Prepared, model: str, workdir: str, train_config: TrainCon
                                "calibrated_on": out.calibration.get("source")})
         _log_outputs(out, fit_prep, heldout_key="cv_oof_track" if cv else "valid_track")
         uri = tracking.log_model(out.artifact_dir, out.predictor.meta, _example(out, prep))
-        summary = cv.summary() if cv else None
-        return {"model": model, "run_id": run_id, "model_uri": uri,
-                "valid_macro_f1": summary["mean"] if summary else
-                out.valid.get("macro_f1", float("nan")),
-                "cv": summary, "test": out.test_track, "calibration": out.calibration,
-                "train_tracks": out.predictor.meta["train_tracks"],
-                "artifact_dir": out.artifact_dir,
-                "segments_per_s": out.segments_per_s, "train_seconds": out.train_seconds
-                + (cv.seconds if cv else 0.0),
-                "data_wait_share": out.data_wait_share, "registered_name": name}
+        held = out.held_out.save(os.path.join(workdir, model, "heldout.npz")) \
+            if out.held_out is not None else None
+        return _result(out, cv, run_id, uri, name) | {"held_out": held}
+
+
+def ensemble_and_log(prep: Prepared, members: list[dict[str, Any]], workdir: str,
+                     train_config: TrainConfig, name: str, folds: list[Any] | None = None
+                     ) -> dict[str, Any]:
+    """Ensemble fitted candidates (results of :func:`fit_and_log`, best first) in a child run
+    of the active run: the members, their weights and scores as params (and tags), the
+    ensemble's CV scores (with ``folds``), reports, plots and the model.
+
+    Returns
+    -------
+    dict
+        As :func:`fit_and_log`, with ``members`` (per member ``model``, ``weight``, ``score``
+        and ``run_id``).
+    """
+    with tracking.child_run(ENSEMBLE) as run_id:
+        _log_run_params(prep, ENSEMBLE, train_config)
+        out, cv = fit_ensemble(prep, [Member(r["model"], r["artifact_dir"], r["held_out"],
+                                             float(r["valid_macro_f1"])) for r in members],
+                               workdir, folds=folds)
+        listed = [{"model": m["model"], "weight": w, "score": m["valid_macro_f1"],
+                   "run_id": m["run_id"]}
+                  for m, w in zip(members, out.predictor.meta["model_config"]["weights"],
+                                  strict=True)]
+        names = [m["model"] for m in listed]
+        tracking.log_params({"members": names,
+                             "member_weights": {m["model"]: m["weight"] for m in listed},
+                             "member_scores": {m["model"]: m["score"] for m in listed},
+                             "member_run_ids": {m["model"]: m["run_id"] for m in listed},
+                             "calibrated_on": out.calibration.get("source")})
+        if cv:
+            _log_cv(cv)
+        fit_prep = refit_split(prep) if folds else prep
+        _log_outputs(out, fit_prep, heldout_key="cv_oof_track" if cv else "valid_track")
+        tracking.annotate_run(run_id, metrics={}, tags={
+            "ensemble.members": ",".join(names),
+            **{f"ensemble.member.{m['model']}": f"weight={m['weight']:.4g} "
+               f"score={m['score']:.4f} run={m['run_id']}" for m in listed}},
+            document=("ensemble.json", {"members": listed}))
+        uri = tracking.log_model(out.artifact_dir, out.predictor.meta, _example(out, prep))
+        return _result(out, cv, run_id, uri, name) | {"members": listed}
+
+
+def _log_run_params(prep: Prepared, model: str, train_config: TrainConfig) -> None:
+    """Params every candidate's run logs: model, feature and label set, split, lineage."""
+    tracking.log_params({
+        "model": model, "feature_set": prep.feature_set, "label_set": prep.labels.digest,
+        "classes": prep.labels.classes, "multi_label": prep.labels.multi_label,
+        "split": prep.split_counts(), "seed": train_config.seed,
+        "code_version": CODE_VERSION, "table_versions": prep.versions,
+        "label_rows": prep.labels.counts(),  # rows read, tracks kept, dropped per reason
+    })
+
+
+def _result(out: FitOutput, cv: CVResult | None, run_id: str, uri: str, name: str
+            ) -> dict[str, Any]:
+    """The JSON-ready result of a candidate (see :func:`fit_and_log`)."""
+    summary = cv.summary() if cv else None
+    return {"model": out.model, "run_id": run_id, "model_uri": uri,
+            "valid_macro_f1": summary["mean"] if summary else
+            out.valid.get("macro_f1", float("nan")),
+            "cv": summary, "test": out.test_track, "calibration": out.calibration,
+            "train_tracks": out.predictor.meta["train_tracks"],
+            "artifact_dir": out.artifact_dir,
+            "segments_per_s": out.segments_per_s, "train_seconds": out.train_seconds
+            + (cv.seconds if cv else 0.0),
+            "data_wait_share": out.data_wait_share, "registered_name": name}
 
 
 def _log_cv(cv: CVResult) -> None:
@@ -188,7 +245,11 @@ def _log_outputs(out: FitOutput, prep: Prepared, heldout_key: str = "valid_track
 
 
 def _example(out: FitOutput, prep: Prepared) -> Any:
-    """Input example logged with the model: two summary rows or one feature matrix."""
+    """Input example logged with the model: two summary rows or one feature matrix (none for
+    an ensemble of mixed inputs: MLflow cannot store a dict of a frame and tensors).
+    """
+    if out.predictor.input == MIXED:
+        return None
     if out.predictor.input == "summary":
         table, _ = prep.summary
         first = table["track_id"].iloc[0]  # a pooled model needs a whole track's segments

@@ -3,15 +3,19 @@
 An artifact folder holds ``meta.json`` (kind, model config, classes, multi-label flag,
 open-set threshold, calibration temperature, pooling of a classic model, feature set and its
 config, input feature and shape, label set, code version, tracks trained on) and the
-weights: ``weights.pt`` (torch state dict) or ``model.joblib`` (sklearn).
+weights: ``weights.pt`` (torch state dict) or ``model.joblib`` (sklearn). An ensemble
+(``kind`` ``"ensemble"``, :mod:`training.ensemble`) holds no weights of its own: its members
+are artifact folders under ``members/`` (``meta['members']`` names each one's ``path``,
+``model``, ``weight`` and ``score``).
 :class:`Predictor` gives probabilities and embeddings from stored features; the MLflow pyfunc
-(:mod:`training.pyfunc`) wraps it.
+(:mod:`training.pyfunc`) wraps it; :func:`load` returns a predictor of any kind.
 """
 
 from __future__ import annotations
 
 import json
 import os
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -28,13 +32,18 @@ META = "meta.json"
 TORCH_WEIGHTS = "weights.pt"
 SKLEARN_MODEL = "model.joblib"
 
+ModelInput = np.ndarray | pd.DataFrame | Mapping[str, Any]
+"""What :meth:`Predictor.predict` takes: its input, or a dict ``{kind: input}`` holding it
+under :attr:`Predictor.input` (an ensemble of mixed inputs needs such a dict)."""
+
 
 @dataclass
 class Predictor:
     """Probabilities and embeddings from a saved model.
 
     ``input`` is ``"logmel"``/``"mfcc"`` (``(batch, rows, frames)`` float32 arrays) or
-    ``"summary"`` (a DataFrame with :attr:`input_columns`).
+    ``"summary"`` (a DataFrame with :attr:`input_columns`); an ensemble's may be ``"mixed"``
+    (:mod:`training.ensemble`).
     """
 
     meta: dict[str, Any]
@@ -44,7 +53,7 @@ class Predictor:
 
     @property
     def input(self) -> str:
-        """Input kind: ``logmel``, ``mfcc`` or ``summary``."""
+        """Input kind: ``logmel``, ``mfcc``, ``summary`` (or an ensemble's ``mixed``)."""
         return str(self.meta["input"])
 
     @property
@@ -77,18 +86,20 @@ class Predictor:
         return [*(["track_id", "segment"] if self.pooled else []), *self.meta["columns"]]
 
     @torch.inference_mode()
-    def predict(self, x: np.ndarray | pd.DataFrame, *, embeddings: bool = False,
+    def predict(self, x: ModelInput, *, embeddings: bool = False,
                 batch_size: int = 512, raw: bool = False
                 ) -> tuple[np.ndarray, np.ndarray | None]:
         """Probabilities ``(n, n_classes)`` and, if asked, embeddings ``(n, d)`` (float32).
 
         Probabilities are calibrated at :attr:`temperature`; ``raw`` returns the uncalibrated
         log-domain scores instead (logits, or a classic model's log-probabilities / log-odds).
-        A pooled model gives every row of a track that track's scores and embedding.
+        A pooled model gives every row of a track that track's scores and embedding. A dict
+        ``x`` is read at :attr:`input`.
         """
+        data = x[self.input] if isinstance(x, Mapping) else x
         multi = bool(self.meta["multi_label"])
         if self.sklearn_model is not None:
-            scores, emb = self._classic_scores(x, embeddings)
+            scores, emb = self._classic_scores(data, embeddings)
             if raw:
                 return scores.astype(np.float32), emb
             return apply_temperature(scores, self.temperature, multi_label=multi), emb
@@ -97,7 +108,7 @@ class Predictor:
         model.eval()
         batches: list[np.ndarray] = []
         embs: list[np.ndarray] = []
-        arr = np.asarray(x, dtype=np.float32)
+        arr = np.asarray(data, dtype=np.float32)
         cuda = self.device.type == "cuda"
         scale = 1.0 if raw else 1.0 / self.temperature
         for i in range(0, len(arr), batch_size):
@@ -146,6 +157,18 @@ class Predictor:
             emb = emb[inverse] if emb is not None else None
         return scores, emb
 
+    def save(self, directory: str) -> str:
+        """Write this model as an artifact folder (see :func:`save`); return its path."""
+        return save(directory, self.meta, torch_model=self.torch_model,
+                    sklearn_model=self.sklearn_model)
+
+
+def write_meta(directory: str, meta: dict[str, Any]) -> None:
+    """Write ``meta.json`` into ``directory`` (created if missing)."""
+    os.makedirs(directory, exist_ok=True)
+    with open(os.path.join(directory, META), "w") as fh:
+        json.dump(meta, fh, indent=1, sort_keys=True, default=str)
+
 
 def save(directory: str, meta: dict[str, Any], *, torch_model: Tagger | None = None,
          sklearn_model: Any = None) -> str:
@@ -160,15 +183,20 @@ def save(directory: str, meta: dict[str, Any], *, torch_model: Tagger | None = N
 
         joblib.dump(sklearn_model, os.path.join(directory, SKLEARN_MODEL))
         meta = meta | {"kind": "sklearn"}
-    with open(os.path.join(directory, META), "w") as fh:
-        json.dump(meta, fh, indent=1, sort_keys=True, default=str)
+    write_meta(directory, meta)
     return directory
 
 
 def load(directory: str, *, device: str | None = None) -> Predictor:
-    """Load an artifact folder written by :func:`save`."""
+    """Load an artifact folder written by :func:`save` (or an ensemble's, written by
+    :meth:`training.ensemble.Ensemble.save`).
+    """
     with open(os.path.join(directory, META)) as fh:
         meta = json.load(fh)
+    if meta["kind"] == "ensemble":
+        from training.ensemble import load_ensemble
+
+        return load_ensemble(directory, meta, device=device)
     if meta["kind"] == "sklearn":
         import joblib
 

@@ -248,7 +248,7 @@ class _TimeTransformer(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         seq = self.project(x.flatten(1, 2).transpose(1, 2))  # (B, C, F', T') -> (B, T', d)
         steps = seq.shape[1]
-        table = self.positions
+        table: torch.Tensor = self.positions
         if steps > table.shape[1]:  # longer than the table: resample it to the sequence
             table = nn.functional.interpolate(table.transpose(1, 2), size=steps,
                                               mode="linear", align_corners=False

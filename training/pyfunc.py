@@ -2,6 +2,9 @@
 
 Input: ``(batch, rows, frames)`` float32 arrays of the stored features (log-mel or MFCC) for
 neural models, or a DataFrame of the ``segments`` summary columns for ``linear``/``gbm``.
+An ensemble (:mod:`training.ensemble`) takes its members' input: that of a single model when
+they share one, else a dict ``{"summary": frame, "mfcc": array, ...}`` (``meta['inputs']``
+lists the kinds) holding the same segments in each entry.
 Output: class probabilities ``(batch, n_classes)`` in ``meta['classes']`` order, or with
 ``params={"output": "embedding"}`` the embeddings. Needs the ``mtag`` package installed.
 """
@@ -22,7 +25,7 @@ from training import artifact
 with warnings.catch_warnings(record=True):
 
     class TaggerPyfunc(PythonModel):
-        """Wraps :class:`training.artifact.Predictor`."""
+        """Wraps :class:`training.artifact.Predictor` (or an ensemble of them)."""
 
         def load_context(self, context: Any) -> None:
             self.predictor = artifact.load(context.artifacts["artifact"])

@@ -52,8 +52,12 @@ CV_REPEATS = 2
 """Repeats of the k-fold partition for the classic models (different shuffles)."""
 NETWORK_REPEATS = 1
 """Repeats for networks: one k-fold pass (each fold is a full training run)."""
-COST_ORDER = ("linear", "gbm", "mfcc_cnn", "cnn", "short_chunk_resnet", "crnn")
-"""Candidates from cheapest to dearest to train and run (docs/training-results.md)."""
+COST_ORDER = ("linear", "gbm", "mfcc_cnn", "cnn", "transformer", "short_chunk_resnet", "crnn",
+              "ensemble")
+"""Candidates from cheapest to dearest to train and run (docs/training-results.md); the
+ensemble (:mod:`training.ensemble`) runs several of the others, so it comes last: under the
+one-standard-error rule it wins only when its mean beats every single's by more than its
+standard error."""
 RULE = ("cheapest candidate whose mean CV macro-F1 is within one standard error "
         "(std over folds / sqrt(folds per repeat)) of the best mean")
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import os
 import tempfile
+import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
@@ -168,7 +169,12 @@ def log_file(path: str, folder: str | None = None) -> None:
 
 
 def log_model(artifact_dir: str, meta: dict[str, Any], example: Any) -> str:
-    """Log the tagger as a pyfunc model with signature and input example; return its URI."""
+    """Log the tagger as a pyfunc model with signature and input example; return its URI.
+
+    An ensemble of mixed inputs (``meta['input']`` ``"mixed"``) takes a dict of a frame and
+    tensors, which no MLflow schema describes: its signature has no input schema (the
+    output and params are still enforced) and no input example.
+    """
     import sklearn
     import torch
 
@@ -177,21 +183,27 @@ def log_model(artifact_dir: str, meta: dict[str, Any], example: Any) -> str:
     n = len(meta["classes"])
     params = ParamSchema([ParamSpec("output", "string", "probabilities")])
     outputs = Schema([TensorSpec(np.dtype(np.float32), (-1, n))])
-    if meta["input"] == "summary":
+    inputs: Schema | None
+    if meta["input"] == "mixed":
+        inputs = None
+    elif meta["input"] == "summary":
         keys = [ColSpec("string", "track_id"), ColSpec("integer", "segment")] \
             if meta.get("pooling") == "track" else []
         inputs = Schema([*keys, *(ColSpec("float", c) for c in meta["columns"])])
     else:
         rows, frames = meta["shape"]
         inputs = Schema([TensorSpec(np.dtype(np.float32), (-1, rows, frames))])
-    info = mlflow.pyfunc.log_model(
-        name="model", python_model=TaggerPyfunc(), artifacts={"artifact": artifact_dir},
-        signature=ModelSignature(inputs=inputs, outputs=outputs, params=params),
-        input_example=example,
-        pip_requirements=[f"torch=={torch.__version__.split('+')[0]}",
-                          f"scikit-learn=={sklearn.__version__}", f"numpy=={np.__version__}",
-                          f"mlflow=={mlflow.__version__}"],
-    )
+    with warnings.catch_warnings():
+        if example is None:  # a mixed-input ensemble: no example can be stored (see above)
+            warnings.filterwarnings("ignore", message=".*input example was not provided")
+        info = mlflow.pyfunc.log_model(
+            name="model", python_model=TaggerPyfunc(), artifacts={"artifact": artifact_dir},
+            signature=ModelSignature(inputs=inputs, outputs=outputs, params=params),
+            input_example=example,
+            pip_requirements=[f"torch=={torch.__version__.split('+')[0]}",
+                              f"scikit-learn=={sklearn.__version__}",
+                              f"numpy=={np.__version__}", f"mlflow=={mlflow.__version__}"],
+        )
     return str(info.model_uri)
 
 

@@ -7,6 +7,7 @@ scores any predictor on a split of any prepared labelled set.
 
 from __future__ import annotations
 
+import itertools
 import os
 import time
 from collections.abc import Callable
@@ -53,6 +54,9 @@ from training.loop import (
 from training.models import MODEL_CONFIGS, Tagger, build_model
 
 MODEL_NAMES = (*MODEL_CONFIGS, *CLASSIC_MODELS)
+MIXED = "mixed"
+"""Input kind of an ensemble whose members read different inputs (see
+:mod:`training.ensemble`): a dict ``{kind: input}`` with the same rows in each."""
 _EMPTY_REPORT: dict[str, Any] = {"n": 0, "accuracy": float("nan"), "macro_f1": float("nan"),
                                  "weighted_f1": float("nan"), "per_class": []}
 
@@ -68,6 +72,7 @@ class Prepared:
     versions: dict[str, int] = field(default_factory=dict)  # table versions read (lineage)
     _reader: TensorReader | None = None
     _summary: tuple[pd.DataFrame, list[str]] | None = None
+    _tensor_row_of: dict[tuple[Any, int], int] | None = None
 
     @property
     def reader(self) -> TensorReader:
@@ -96,6 +101,21 @@ class Prepared:
         """Tracks per split."""
         return {str(k): int(v) for k, v in self.splits.value_counts().items()}
 
+    def tensor_rows(self, track_ids: np.ndarray, segments: np.ndarray) -> np.ndarray:
+        """Reader rows (positions in :attr:`reader`) of the segments ``(track_ids,
+        segments)``, e.g. of summary table rows.
+        """
+        index = self.reader.index
+        if self._tensor_row_of is None:
+            self._tensor_row_of = {(t, int(g)): i for i, (t, g) in enumerate(
+                zip(index.track_id, index.segment, strict=True))}
+        try:
+            return np.array([self._tensor_row_of[(t, int(g))] for t, g in
+                             zip(track_ids, segments, strict=True)], dtype=np.int64)
+        except KeyError as exc:
+            raise ParameterError(f"segment {exc.args[0]} has no tensor row in feature set "
+                                 f"{self.feature_set}") from exc
+
 
 @dataclass
 class HeldOut:
@@ -110,6 +130,19 @@ class HeldOut:
 
     def __len__(self) -> int:
         return int(len(self.track_ids))
+
+    def save(self, path: str) -> str:
+        """Write to an ``.npz`` file (no pickles); return ``path``."""
+        os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+        np.savez(path, track_ids=np.asarray(self.track_ids, dtype=str),
+                 scores=np.asarray(self.scores, np.float64), source=np.array(self.source))
+        return path
+
+    @classmethod
+    def load(cls, path: str) -> HeldOut:
+        """Inverse of :meth:`save`."""
+        with np.load(path, allow_pickle=False) as data:
+            return cls(data["track_ids"].astype(object), data["scores"], str(data["source"]))
 
 
 @dataclass
@@ -128,6 +161,7 @@ class FitOutput:
     segments_per_s: float = 0.0
     data_wait_share: float = 0.0
     calibration: dict[str, Any] = field(default_factory=dict)
+    held_out: HeldOut | None = None  # what calibrated it (uncalibrated scores)
 
 
 def prepare(store_url: str, labels_path: str, *, feature_set: str | None = None,
@@ -285,10 +319,11 @@ def _valid_score(labels: LabelSet, valid_ds: SegmentDataset) -> Callable[[Tagger
     return score
 
 
-def calibrate(predictor: artifact.Predictor, labels: LabelSet, held_out: HeldOut
-              ) -> tuple[dict[str, Any], dict[str, Any]]:
+def calibrate(predictor: artifact.Predictor, labels: LabelSet, held_out: HeldOut, *,
+              temperature: float | None = None) -> tuple[dict[str, Any], dict[str, Any]]:
     """Fit the temperature on ``held_out`` tracks and set it and the open-set threshold (on
-    the calibrated probabilities) in ``predictor.meta``.
+    the calibrated probabilities) in ``predictor.meta``; a given ``temperature`` is kept
+    instead of fitted (an ensemble's 1: its members are calibrated).
 
     Returns
     -------
@@ -298,10 +333,12 @@ def calibrate(predictor: artifact.Predictor, labels: LabelSet, held_out: HeldOut
     """
     multi = labels.multi_label
     if not len(held_out):
-        predictor.meta |= {"temperature": 1.0, "threshold": 0.0}
-        return _EMPTY_REPORT, {"temperature": 1.0, "source": held_out.source, "tracks": 0}
-    temperature = fit_temperature(held_out.track_ids, held_out.scores, labels.targets,
-                                  multi_label=multi)
+        predictor.meta |= {"temperature": temperature or 1.0, "threshold": 0.0}
+        return _EMPTY_REPORT, {"temperature": temperature or 1.0, "source": held_out.source,
+                               "tracks": 0}
+    if temperature is None:
+        temperature = fit_temperature(held_out.track_ids, held_out.scores, labels.targets,
+                                      multi_label=multi)
     ids, before = track_probabilities(held_out.track_ids, held_out.scores, 1.0,
                                       multi_label=multi)
     _, probs = track_probabilities(held_out.track_ids, held_out.scores, temperature,
@@ -324,18 +361,16 @@ def held_out_scores(predictor: artifact.Predictor, prep: Prepared, split: str = 
 
 def _finish(prep: Prepared, predictor: artifact.Predictor, params: dict[str, Any],
             workdir: str, *, result: TrainResult | None, started: float,
-            held_out: HeldOut | None = None) -> FitOutput:
-    """Calibrate and set the open-set threshold on held-out tracks (valid, or ``held_out``),
-    report on test, save the artifact.
+            held_out: HeldOut | None = None, temperature: float | None = None) -> FitOutput:
+    """Calibrate (at ``temperature`` if given) and set the open-set threshold on held-out
+    tracks (valid, or ``held_out``), report on test, save the artifact.
     """
     labels, model = prep.labels, predictor.meta["model"]
-    valid_track, calibration = calibrate(predictor, labels, held_out if held_out is not None
-                                         else held_out_scores(predictor, prep, "valid"))
+    held = held_out if held_out is not None else held_out_scores(predictor, prep, "valid")
+    valid_track, calibration = calibrate(predictor, labels, held, temperature=temperature)
     predictor.meta["train_tracks"] = int((prep.splits == "train").sum())
     test_seg, test_track = evaluate_split(predictor, prep, "test")
-    out_dir = os.path.join(workdir, model, "artifact")
-    artifact.save(out_dir, predictor.meta, torch_model=predictor.torch_model,
-                  sklearn_model=predictor.sklearn_model)
+    out_dir = predictor.save(os.path.join(workdir, model, "artifact"))
     net = predictor.torch_model
     if net is not None:
         predictor = replace(predictor, device=pick_device())
@@ -345,7 +380,7 @@ def _finish(prep: Prepared, predictor: artifact.Predictor, params: dict[str, Any
                      train_seconds=time.perf_counter() - started,
                      segments_per_s=result.segments_per_s if result else 0.0,
                      data_wait_share=result.data_wait_share if result else 0.0,
-                     calibration=calibration)
+                     calibration=calibration, held_out=held)
 
 
 def predict_split(predictor: artifact.Predictor, prep: Prepared, split: str, *,
@@ -353,15 +388,23 @@ def predict_split(predictor: artifact.Predictor, prep: Prepared, split: str, *,
                   ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """``(track ids, probabilities, targets)`` for a split, per segment or per track;
     ``raw``: uncalibrated log-domain scores instead of probabilities (per segment).
+
+    A ``mixed`` input (an ensemble of models on different inputs) gets, per batch of whole
+    tracks, a dict of each input its members need, row-aligned on the summary table's rows.
     """
-    kind = "summary" if predictor.input == "summary" else predictor.input
-    part = prep.parts(kind)[split]
+    kind = predictor.input
+    part = prep.parts("summary" if kind == MIXED else kind)[split]
     if len(part) == 0:
         n = len(prep.labels.classes)
         return np.array([], dtype=object), np.zeros((0, n), np.float32), np.zeros((0, n))
     if kind == "summary":
         table, _ = prep.summary
         probs, _ = predictor.predict(table.iloc[part.rows][predictor.input_columns], raw=raw)
+    elif kind == MIXED:
+        probs = np.zeros((len(part), len(predictor.classes)), np.float32)
+        for at in _whole_tracks(part.track_ids, 512):
+            probs[at] = predictor.predict(_mixed_input(prep, predictor, part.rows[at]),
+                                          raw=raw)[0]
     else:
         probs = np.concatenate([
             predictor.predict(np.stack([prep.reader.matrix(kind, int(r))
@@ -378,6 +421,38 @@ def predict_split(predictor: artifact.Predictor, prep: Prepared, split: str, *,
         return part.track_ids, probs, part.targets
     agg = aggregate_tracks(part.track_ids, probs)
     return agg.track_ids, agg.probabilities, prep.labels.targets(agg.track_ids)
+
+
+def _whole_tracks(track_ids: np.ndarray, size: int) -> list[np.ndarray]:
+    """Positions into ``track_ids`` in batches of about ``size`` that never split a track (a
+    track-pooled member needs all of a track's segments in one call).
+    """
+    order = np.argsort(track_ids, kind="stable")
+    ids = track_ids[order]
+    bounds = [0]
+    for start in np.flatnonzero(ids[1:] != ids[:-1]) + 1:
+        if start - bounds[-1] >= size:
+            bounds.append(int(start))
+    bounds.append(len(ids))
+    return [order[a:b] for a, b in itertools.pairwise(bounds)]
+
+
+def _mixed_input(prep: Prepared, predictor: artifact.Predictor, rows: np.ndarray
+                 ) -> dict[str, Any]:
+    """The inputs of summary table ``rows`` for each input kind of ``predictor``'s members:
+    ``summary`` rows, and ``logmel``/``mfcc`` matrices of the same segments.
+    """
+    table, _ = prep.summary
+    frame = table.iloc[rows]
+    out: dict[str, Any] = {}
+    for kind in predictor.meta["inputs"]:
+        if kind == "summary":
+            out[kind] = frame[predictor.input_columns]
+        else:
+            at = prep.tensor_rows(frame["track_id"].to_numpy(object),
+                                  frame["segment"].to_numpy())
+            out[kind] = np.stack([prep.reader.matrix(kind, int(r)) for r in at])
+    return out
 
 
 def evaluate_split(predictor: artifact.Predictor, prep: Prepared, split: str

@@ -1,13 +1,36 @@
 from __future__ import annotations
 
+import json
+from dataclasses import replace
+
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 
 from tasks.predictions import aggregate_tracks
+from training import artifact
 from training.augment import mixup, spec_augment
 from training.evaluate import confidence_threshold, report
-from training.models import MODEL_CONFIGS, build_model, config_from_dict
+from training.models import (
+    MODEL_CONFIGS,
+    Tagger,
+    TransformerConfig,
+    _TimeTransformer,
+    build_model,
+    config_from_dict,
+)
+
+# a Transformer tagger small enough for unit tests
+TINY = TransformerConfig(channels=(8, 16), time_pool=(2, 2), d_model=32, heads=4, layers=2,
+                         ff_dim=64, embed_dim=24, max_positions=64)
+
+
+def _attention_part(model: Tagger) -> _TimeTransformer:
+    """The projection, positional table and encoder of a Transformer tagger."""
+    part = [m for m in model.modules() if isinstance(m, _TimeTransformer)]
+    assert len(part) == 1
+    return part[0]
 
 
 @pytest.mark.parametrize("name", sorted(MODEL_CONFIGS))
@@ -67,3 +90,146 @@ def test_confidence_threshold_keeps_most_correct():
     probs /= probs.sum(1, keepdims=True)
     t = confidence_threshold(targets, probs, multi_label=False, keep=0.9)
     assert (probs.max(1) >= t).mean() == pytest.approx(0.9, abs=0.05)
+
+
+# ---------------------------------------------------------------- the Transformer tagger
+def test_transformer_is_registered_with_logmel_input():
+    assert MODEL_CONFIGS["transformer"] is TransformerConfig
+    assert TransformerConfig.input == "logmel"
+    model = build_model(TransformerConfig(), 128, 10)
+    assert isinstance(_attention_part(model).encoder, torch.nn.TransformerEncoder)
+    assert _attention_part(model).encoder.layers[0].self_attn.batch_first
+    # modest: CPU-trainable (about 0.8 M parameters at the defaults, 128 mel bands)
+    assert 2e5 < sum(p.numel() for p in model.parameters()) < 2e6
+
+
+@pytest.mark.parametrize("pooling", ["cls", "mean"])
+def test_transformer_shapes_follow_config_and_data(pooling):
+    cfg = replace(TINY, pooling=pooling)
+    for rows in (40, 128):  # the projection is sized from the remaining frequency bins
+        model = build_model(cfg, rows, 7).eval()
+        x = torch.randn(4, rows, 129)
+        assert model(x).shape == (4, 7)
+        assert model.embed(x).shape == (4, cfg.embed_dim)
+        assert _attention_part(model).project.in_features == 16 * (-(-rows // 4))
+
+
+def test_transformer_takes_any_frame_count():
+    model = build_model(TINY, 64, 3).eval()
+    with torch.inference_mode():
+        for frames in (1, 37, 129, 300):  # 300 frames: 75 steps, more than the 64 positions
+            assert model(torch.randn(2, 64, frames)).shape == (2, 3)
+        # the positional table reaches the output, on both paths (sliced and resampled)
+        for frames in (129, 300):
+            x = torch.randn(2, 64, frames)
+            before = model.embed(x)
+            _attention_part(model).positions.mul_(50.0)
+            assert not torch.allclose(before, model.embed(x))
+
+
+def test_transformer_config_round_trips_with_tuples():
+    cfg = TransformerConfig(channels=(16, 32, 32, 64), time_pool=(2, 1, 2, 1), pooling="mean",
+                            layers=4, dropout=0.1, attention_dropout=0.0)
+    back = config_from_dict(json.loads(json.dumps(cfg.to_dict())))  # as meta.json stores it
+    assert back == cfg and isinstance(back, TransformerConfig)
+    assert isinstance(back.channels, tuple) and isinstance(back.time_pool, tuple)
+    assert cfg.to_dict()["name"] == "transformer" and cfg.to_dict()["input"] == "logmel"
+    with pytest.raises(ValueError, match="one entry per block"):
+        TransformerConfig(channels=(8, 16, 32), time_pool=(2, 2))
+    with pytest.raises(ValueError, match="divisible"):
+        TransformerConfig(d_model=30, heads=4)
+    with pytest.raises(ValueError, match="pooling"):
+        TransformerConfig(pooling="max")
+
+
+def _toy_batch(n=24, rows=32, frames=32, seed=0):
+    """Two classes: energy in the low or in the high bands, under noise of the same size."""
+    g = torch.Generator().manual_seed(seed)
+    y = torch.arange(n) % 2
+    x = torch.randn(n, rows, frames, generator=g)
+    band = torch.zeros(2, rows, 1)
+    band[0, : rows // 3], band[1, -rows // 3:] = 1.5, 1.5
+    return x + band[y], y
+
+
+def test_transformer_learns_a_separable_toy_batch():
+    torch.manual_seed(0)
+    x, y = _toy_batch()
+    model = build_model(replace(TINY, dropout=0.0, attention_dropout=0.0), x.shape[1], 2)
+    model.standardize.set(x.mean(dim=(0, 2)), x.std(dim=(0, 2)))
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    model.train()
+    losses = []
+    for _ in range(15):
+        loss = F.cross_entropy(model(x), y)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(float(loss.detach()))
+    assert losses[-1] < 0.3 * losses[0], losses
+    # and it generalises to fresh draws of the same two classes
+    xt, yt = _toy_batch(seed=1)
+    model.eval()
+    with torch.inference_mode():
+        assert (model(xt).argmax(1) == yt).float().mean() >= 0.9
+
+
+def test_transformer_artifact_round_trip_gives_identical_outputs(tmp_path):
+    torch.manual_seed(0)
+    rows = 40
+    model = build_model(TINY, rows, 3)
+    model.standardize.set(torch.linspace(-1, 1, rows), torch.linspace(0.5, 2, rows))
+    model.train()
+    model(torch.randn(8, rows, 129))  # BatchNorm running statistics away from their defaults
+    model.eval()
+    meta = {"input": "logmel", "model_config": TINY.to_dict(), "classes": ["a", "b", "c"],
+            "multi_label": False, "temperature": 1.0}
+    artifact.save(str(tmp_path / "m"), meta, torch_model=model)
+    loaded = artifact.load(str(tmp_path / "m"), device="cpu")
+    assert loaded.torch_model is not None and loaded.torch_model is not model
+    assert loaded.input == "logmel" and loaded.embed_dim == TINY.embed_dim
+    assert loaded.torch_model.config == TINY
+    x = np.random.default_rng(0).standard_normal((5, rows, 129)).astype(np.float32)
+    with torch.inference_mode():
+        expect_emb = model.embed(torch.from_numpy(x))
+        expect = model.head(expect_emb)
+    logits, emb = loaded.predict(x, raw=True, embeddings=True)
+    torch.testing.assert_close(torch.from_numpy(logits), expect, rtol=0, atol=0)
+    assert emb is not None
+    torch.testing.assert_close(torch.from_numpy(emb), expect_emb, rtol=0, atol=0)
+    probs, _ = loaded.predict(x)
+    np.testing.assert_allclose(probs, expect.softmax(-1).numpy(), rtol=1e-6)
+
+
+@pytest.mark.slow
+def test_train_flow_with_the_transformer_registers_a_working_pyfunc(
+        labelled_store, mlflow_env, tmp_path, prefect_harness):
+    """``mtag train --model transformer`` end to end: trained by the loop, logged as a pyfunc,
+    registered, and reloaded with the predictions of the artifact.
+    """
+    from flows.train import train_flow
+    from training import tracking
+
+    store, labels, _ = labelled_store
+    name = f"tx-{tmp_path.name}"[:60]
+    summary = train_flow(store=store, labels=labels, model="transformer", registered_name=name,
+                         valid_size=0.2, test_size=0.2, workdir=str(tmp_path / "w"),
+                         train_config={"epochs": 8, "batch_size": 16, "lr": 2e-3,
+                                       "patience": 8},
+                         model_params={"channels": [8, 16, 16], "time_pool": [2, 2, 1],
+                                       "d_model": 32, "heads": 4, "layers": 2, "ff_dim": 64,
+                                       "embed_dim": 32})
+    best = summary.best
+    assert best["model"] == "transformer" and summary.promotion["version"] == "1"
+    assert best["test"]["accuracy"] > 1 / 3 + 0.2, best["test"]  # 3 classes
+    loaded = artifact.load(best["artifact_dir"], device="cpu")
+    assert loaded.meta["model_config"]["channels"] == [8, 16, 16]  # JSON lists, read back
+    assert loaded.torch_model is not None
+    assert isinstance(loaded.torch_model.config, TransformerConfig)
+    assert loaded.torch_model.config.channels == (8, 16, 16)
+    from training.trainer import prepare
+    prep = prepare(store, labels, valid_size=0.2, test_size=0.2)
+    x = np.stack([prep.reader.matrix("logmel", i) for i in range(4)])
+    pyfunc = tracking.load_pyfunc(f"models:/{name}/1")
+    np.testing.assert_allclose(pyfunc.predict(x), loaded.predict(x)[0], rtol=1e-6)
+    assert pyfunc.predict(x, params={"output": "embedding"}).shape == (4, 32)
