@@ -93,6 +93,7 @@ class _LazyServer:
         self.port = port
         self.api_url = f"http://127.0.0.1:{port}/api"
         self._process: subprocess.Popen[Any] | None = None
+        self.log_path = ""
 
     def start(self, timeout: int) -> None:
         import httpx
@@ -107,14 +108,22 @@ class _LazyServer:
                    str(prefect.__module_path__.parent), "--factory",
                    "prefect.server.api.server:create_app", "--host", "127.0.0.1",
                    "--port", str(self.port), "--log-level", "error", "--lifespan", "on"]
-        self._process = subprocess.Popen(
-            [sys.executable, "-c", _BOUND_TO_PARENT, str(os.getpid()), *uvicorn], env=env)
+        # its output goes to a log of its own, not to the command's: a pipe reading the
+        # command (`mtag ingest | tee`) would otherwise stay open while the server shuts down
+        home = get_current_settings().home
+        os.makedirs(home, exist_ok=True)
+        self.log_path = os.path.join(str(home), "mtag-temporary-api.log")
+        with open(self.log_path, "ab") as out:
+            self._process = subprocess.Popen(
+                [sys.executable, "-c", _BOUND_TO_PARENT, str(os.getpid()), *uvicorn], env=env,
+                stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT)
         deadline = time.monotonic() + timeout
         with httpx.Client(timeout=5.0) as client:
             while True:
                 if self._process.poll() is not None:
                     raise RuntimeError(f"the temporary Prefect API on port {self.port} exited "
-                                       f"with code {self._process.returncode} while starting")
+                                       f"with code {self._process.returncode} while starting; "
+                                       f"its log ends:\n{_tail(self.log_path)}")
                 try:
                     if client.get(f"{self.api_url}/health").status_code == 200:
                         return
@@ -133,6 +142,14 @@ class _LazyServer:
             process.terminate()
             with contextlib.suppress(subprocess.TimeoutExpired):
                 process.wait(timeout=0.2)
+
+
+def _tail(path: str, lines: int = 20) -> str:
+    try:
+        with open(path, errors="replace") as fh:
+            return "".join(fh.readlines()[-lines:])
+    except OSError:
+        return "(no log)"
 
 
 _BOUND_TO_PARENT = """
