@@ -77,3 +77,32 @@ def test_a_crash_inside_the_head_start_loses_and_doubles_nothing(tmp_path):
     assert len(segments) == len(segments.drop_duplicates(["track_id", "segment"]))
     report = verify(FeatureStore(str(store)))
     assert report.ok, report.render()
+
+
+def test_a_failed_head_start_shard_runs_again_as_a_task(tmp_path, dask_address):
+    import time
+
+    from flows.headstart import HeadStart
+    from flows.ingest import ingest_flow
+    from flows.preflight import look_up
+    from flows.runtime import run_on_cluster
+    from tasks.config import FeatureConfig
+
+    cat, store = tmp_path / "cat", tmp_path / "store"
+    catalogue(cat, 6)
+    cfg = FeatureConfig()
+    look = look_up(FeatureStore(str(store), create=True), str(cat), cfg)
+    # a head start whose shards cannot be written (its store does not exist): every one fails
+    head = HeadStart(str(tmp_path / "no-store-here"), cfg, look).start()
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and not (head._jobs and all(j.done() for _, j in
+                                                                   head._jobs)):
+        time.sleep(0.05)
+    assert head._jobs and all(j.exception() is not None for _, j in head._jobs)
+    summary = run_on_cluster(ingest_flow, {
+        "source": str(cat), "store": str(store), "config": cfg.to_dict(), "progress": False,
+        "head_start": head.token}, dask_address=dask_address)
+    assert summary.head_start_shards == len(head._jobs) >= 1
+    assert (summary.ok, summary.failed, summary.shards_failed) == (6, 0, 0)
+    tracks, _ = counts(store)
+    assert len(tracks) == tracks["track_id"].nunique() == 6
