@@ -126,6 +126,10 @@ def dask_cluster(address: str | None = None, *, n_workers: int | None = None,
     with dask.config.set(environ), LocalCluster(
         n_workers=n_workers or default_workers(), threads_per_worker=1, processes=True,
         host="127.0.0.1", dashboard_address="127.0.0.1:0", memory_limit=memory_limit,
+        # forked workers inherit the fork server's environment, which is this process's as it
+        # was when the first cluster started: each worker takes today's as it starts (what
+        # matters at import time, thread counts and allocator settings, is set before that)
+        env=dict(os.environ),
     ) as cluster, Client(cluster) as client:
         info = _info(client, cluster.scheduler_address)
         _say(echo, f"Dask: local cluster, {info.workers} worker processes; "

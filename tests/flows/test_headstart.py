@@ -106,3 +106,19 @@ def test_a_failed_head_start_shard_runs_again_as_a_task(tmp_path, dask_address):
     assert (summary.ok, summary.failed, summary.shards_failed) == (6, 0, 0)
     tracks, _ = counts(store)
     assert len(tracks) == tracks["track_id"].nunique() == 6
+
+
+def test_forked_workers_see_the_environment_of_their_own_cluster(monkeypatch):
+    # workers are forked from one server that keeps the environment it started with; each
+    # cluster's workers must still see the process's environment as it is when they start
+    # (a test or a caller sets credentials between clusters)
+    from flows.cluster import dask_cluster
+
+    def probe():
+        return os.environ.get("MTAG_TEST_PROBE")
+
+    with dask_cluster(None, n_workers=1) as first:
+        assert list(first.client.run(probe).values()) == [None]
+    monkeypatch.setenv("MTAG_TEST_PROBE", "set later")
+    with dask_cluster(None, n_workers=1) as second:
+        assert list(second.client.run(probe).values()) == ["set later"]
