@@ -17,13 +17,15 @@ lease, exactly-once commits, retirement before the new rows, recovery after a cr
 interrupted head start leaves only uncommitted files, cleared as any shard task's are). The
 head-start shards are not Prefect task runs; the flow logs them. With an external cluster
 (``--dask-address``) the files may be readable only from the workers, so nothing runs in the
-command's process: the head start waits for the cluster.
+command's process: the head start waits for the cluster; with a running scheduler and a
+configured Prefect server (``PREFECT_API_URL``) nothing boots, and there is no head start.
 """
 
 from __future__ import annotations
 
 import concurrent.futures as cf
 import logging
+import os
 import threading
 import time
 import uuid
@@ -277,8 +279,12 @@ def run_ingest(source: str, store: str, *, config: FeatureConfig | None = None,
         summary.wall_s = time.perf_counter() - started
         log.info(summary.render())
         return summary
+    # something must boot for a head start to help: a local cluster or a temporary API (with
+    # a running scheduler and a configured Prefect server the flow starts at once, and its
+    # shards are then all task runs the server shows)
+    booting = dask_address is None or not os.environ.get("PREFECT_API_URL")
     head = HeadStart(fstore.url, cfg, look, local=dask_address is None).start() \
-        if head_start else None
+        if head_start and booting else None
     try:
         from flows.ingest import ingest_flow
         from flows.ingest_worker import warm_worker
