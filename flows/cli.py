@@ -406,6 +406,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         logger = logging.getLogger("mtag")
         logger.addHandler(handler)
         logger.setLevel(logging.INFO)
+        logger.propagate = False  # Prefect's logging set-up gives the root logger a handler too
     from tasks.errors import MtagError
 
     try:

@@ -138,9 +138,10 @@ def dask_cluster(address: str | None = None, *, n_workers: int | None = None,
 
 
 def _say(echo: Echo, line: str) -> None:
-    log.info(line)
     if echo:
         echo(line)
+    else:
+        log.info(line)
 
 
 def _info(client: object, address: str) -> ClusterInfo:
