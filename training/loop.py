@@ -214,7 +214,10 @@ def _setup(model: Tagger, train_ds: Dataset, config: TrainConfig, *, multi_label
     model.to(device)
     weights = class_weights.to(device) if class_weights is not None else None
     workers = config.num_workers if config.num_workers is not None else (4 if cuda else 0)
-    loader = DataLoader(train_ds, batch_size=config.batch_size, shuffle=True, drop_last=False,
+    # a last batch of one segment cannot train the BatchNorm layers ("Expected more than 1
+    # value per channel"): drop it (shuffled, so a different segment waits each epoch)
+    one_left = len(train_ds) % config.batch_size == 1 and len(train_ds) > 1  # type: ignore[arg-type]
+    loader = DataLoader(train_ds, batch_size=config.batch_size, shuffle=True, drop_last=one_left,
                         num_workers=workers, pin_memory=cuda, generator=generator,
                         persistent_workers=workers > 0)
     # the schedule spans every epoch; max_steps only stops the loop early, so an interrupted

@@ -233,3 +233,21 @@ def test_train_flow_with_the_transformer_registers_a_working_pyfunc(
     pyfunc = tracking.load_pyfunc(f"models:/{name}/1")
     np.testing.assert_allclose(pyfunc.predict(x), loaded.predict(x)[0], rtol=1e-6)
     assert pyfunc.predict(x, params={"output": "embedding"}).shape == (4, 32)
+
+
+def test_a_last_batch_of_one_segment_does_not_stop_training():
+    # 2 * 16 + 1 segments: a one-row last batch would reach the embedding's BatchNorm in
+    # training mode ("Expected more than 1 value per channel"), which stopped a CV fold
+    from torch.utils.data import TensorDataset
+
+    from training.loop import TrainConfig, train_network
+    from training.models import MFCCCNNConfig
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(33, 20, 32, generator=g)
+    y = torch.randint(0, 2, (33,), generator=g)
+    model = build_model(MFCCCNNConfig(), 20, 2)
+    result = train_network(model, TensorDataset(x, y), TensorDataset(x[:8], y[:8]),
+                           TrainConfig(epochs=2, batch_size=16, patience=9, seed=0),
+                           multi_label=False, score=lambda net: 0.0)
+    assert len(result.history) == 2 and result.steps == 4  # two full batches an epoch
