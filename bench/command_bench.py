@@ -215,7 +215,9 @@ def run_mtag(cmd_base: Sequence[str], source: str, env: dict[str, str],
         reader.join(5.0)
     proc.stdout.close()
     kids_cpu = _children_cpu() - kids0
-    store_mb = _dir_mb(store)
+    from ingest_bench import dir_size_mb
+
+    store_mb = dir_size_mb(store)
     shutil.rmtree(parent, ignore_errors=True)
 
     text = [t for _, t in lines]
@@ -315,15 +317,6 @@ def code_hash(root: str) -> str:
                     with open(path, "rb") as fh:
                         h.update(fh.read())
     return h.hexdigest()
-
-
-def _dir_mb(path: str) -> float:
-    total = 0
-    for root, _dirs, files in os.walk(path):
-        for name in files:
-            with contextlib.suppress(OSError):
-                total += os.path.getsize(os.path.join(root, name))
-    return total / 2**20
 
 
 def warm_page_cache(files: Sequence[str]) -> float:
