@@ -409,31 +409,23 @@ def main(argv: Sequence[str] | None = None) -> int:
         logger.propagate = False  # Prefect's logging set-up gives the root logger a handler too
     from tasks.errors import MtagError
 
+    signal.signal(signal.SIGTERM, _interrupt)  # stop like Ctrl-C: every `with` cleans up
     try:
-        signal.signal(signal.SIGTERM, _interrupt)  # stop like Ctrl-C: every `with` cleans up
-        try:
-            _from_settings(args)
-            return int(args.func(args))
-        except MtagError as exc:
-            if args.verbose:
-                import traceback
+        _from_settings(args)
+        return int(args.func(args))
+    except MtagError as exc:
+        if args.verbose:
+            import traceback
 
-                traceback.print_exc()
-            print(f"mtag: error: {exc}", file=sys.stderr)
-            return 2
-        except BaseException as exc:
-            if not _interrupted(exc):
-                raise
-            print("mtag: interrupted: what was committed stays committed; run the command again "
-                  "to finish", file=sys.stderr)
-            return 130
-    finally:
-        if argv is None:  # the process's own command (not a caller passing arguments): the
-            # interpreter's final collection walks every object of Prefect, Dask, pandas and
-            # torch, 1-13 s after the work is done (measured on 2 busy cores); exempt them
-            import gc
-
-            gc.freeze()
+            traceback.print_exc()
+        print(f"mtag: error: {exc}", file=sys.stderr)
+        return 2
+    except BaseException as exc:
+        if not _interrupted(exc):
+            raise
+        print("mtag: interrupted: what was committed stays committed; run the command again "
+              "to finish", file=sys.stderr)
+        return 130
 
 
 def _interrupt(signum: int, frame: object) -> None:
