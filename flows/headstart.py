@@ -37,7 +37,13 @@ from featurestore.hashing import short_hash
 from featurestore.store import FeatureStore
 from flows.cluster import Echo
 from flows.plan import TRACK_OVERHEAD_S
-from flows.preflight import IngestSummary, LookUp, look_up, update_catalogue
+from flows.preflight import (
+    IngestSummary,
+    LookUp,
+    earlier_row_stands,
+    look_up,
+    update_catalogue,
+)
 from flows.records import ProbeRecord, ShardPlan
 from tasks.config import FeatureConfig
 
@@ -197,9 +203,8 @@ class HeadStart:
         """Whether the flow would plan ``r`` (see :func:`flows.preflight.keep_earlier_rows`
         and :func:`flows.plan.dedupe`); the flow re-checks, this only saves work.
         """
-        if r.retry and r.uri in self.look.known:  # its earlier row stands
-            return False
-        return r.track_id not in self.look.committed and r.track_id not in self._taken
+        return not earlier_row_stands(r, self.look) and r.track_id not in self.look.committed \
+            and r.track_id not in self._taken
 
 
 def take_over(token: str | None) -> Handover | None:

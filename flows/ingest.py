@@ -91,11 +91,13 @@ def ingest_flow(source: str, store: str, config: dict[str, Any] | None = None,
                 look.triage.unchanged, len(look.triage.to_probe))
     head = take_over(head_start)
     to_probe = look.triage.to_probe
+    taken: set[str] = set()
     if head is not None:
         probed = {r.uri for r in head.records}
         to_probe = [f for f in to_probe if f.uri not in probed]
+        taken = head.track_ids
         logger.info("head start: %d files probed, %d shards (%d tracks) begun %s before "
-                    "this flow run", len(head.records), len(head.jobs), len(head.track_ids),
+                    "this flow run", len(head.records), len(head.jobs), len(taken),
                     "-" if head.started_s is None else f"{head.started_s:.1f} s after the "
                     "preflight and")
         summary.head_start_shards = len(head.jobs)
@@ -105,7 +107,6 @@ def ingest_flow(source: str, store: str, config: dict[str, Any] | None = None,
     failpoint("ingest.probed")
     pending, summary.duplicates = dedupe(records, look.committed)
     summary.retried = sum(r.track_id in look.retry for r in pending)
-    taken = head.track_ids if head else set()
     shards = plan_shards([r for r in pending if r.track_id not in taken], look.feature_set,
                          shard_minutes=shard_minutes, workers=workers)
     if shards or (head and head.jobs):

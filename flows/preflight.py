@@ -181,6 +181,11 @@ def look_up(fstore: FeatureStore, source: str, cfg: FeatureConfig, *,
                   sorted(gone), held)
 
 
+def earlier_row_stands(record: ProbeRecord, look: LookUp) -> bool:
+    """A known file that could not be read this time: its earlier row stays as it is."""
+    return record.retry and record.uri in look.known
+
+
 def keep_earlier_rows(records: list[ProbeRecord], look: LookUp, summary: IngestSummary
                        ) -> list[ProbeRecord]:
     """Leave out known files that could not be read this time (gone since the listing, an
@@ -188,7 +193,7 @@ def keep_earlier_rows(records: list[ProbeRecord], look: LookUp, summary: IngestS
     """
     keep = []
     for r in records:
-        if r.retry and r.uri in look.known:
+        if earlier_row_stands(r, look):
             summary.errors.append((r.uri, r.stage or "probe",
                                    f"{r.error} (its earlier row is kept)"))
         else:
