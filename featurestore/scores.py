@@ -116,6 +116,7 @@ def scores_schema(model: ScoredModel) -> pa.Schema:
         pa.field("label", pa.string()),
         pa.field("probability", pa.float32()),
         pa.field("confident", pa.bool_()),
+        pa.field("novelty", pa.float32()),
         pa.field("tags", pa.list_(pa.string())),
         pa.field("top_labels", pa.list_(pa.string())),
         pa.field("top_probabilities", pa.list_(pa.float32())),
@@ -468,7 +469,8 @@ def _array(values: Any, type_: pa.DataType) -> pa.Array:
         x = np.ascontiguousarray(values, dtype=np.float32)
         return pa.FixedSizeListArray.from_arrays(pa.array(x.reshape(-1)), type_.list_size)
     if isinstance(values, np.ndarray) and values.dtype != object:
-        return pa.array(values, type_)
+        # NaN of a float column (a model without an open-set detector: novelty) is null
+        return pa.array(values, type_, from_pandas=values.dtype.kind == "f")
     return pa.array(list(values), type_)
 
 

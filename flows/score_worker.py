@@ -87,8 +87,11 @@ def _score_shard(store: FeatureStore, model: ScoredModel, predictor: Any, shard:
     path_of = dict(zip(tracks["track_id"], tracks["path"], strict=True))
     summary_cols = list(predictor.meta["columns"]) if predictor.input in ("summary", "mixed") \
         else []
+    detector = predictor.novelty
+    novelty_cols = [c for c in detector.columns if c not in summary_cols] if detector else []
     seg = read_shard_table(store, fs, shard, "segments",
-                           ["track_id", "segment", "start_s", "tensor_row", *summary_cols])
+                           ["track_id", "segment", "start_s", "tensor_row", *summary_cols,
+                            *novelty_cols])
     seg_ids = seg["track_id"].to_numpy(zero_copy_only=False)
     seg_no = seg["segment"].to_numpy()
     if predictor.input == "summary":
@@ -118,9 +121,12 @@ def _score_shard(store: FeatureStore, model: ScoredModel, predictor: Any, shard:
         emb = np.concatenate([p[3] for p in parts]) if parts else np.zeros(
             (0, model.embed_dim), np.float32)
     start_s = _align_start(seg_ids, seg_no, seg["start_s"].to_numpy(), ids, numbers)
+    novelty = detector.frame_novelty(seg.select(["track_id", *detector.columns]).to_pandas()) \
+        if detector else None
     track_rows, segment_rows = score_rows(
         ids, numbers, align_classes(probs, predictor.classes, model.classes), emb,
-        model.classes, threshold=model.threshold, multi_label=model.multi_label, top=top)
+        model.classes, threshold=model.threshold, multi_label=model.multi_label, top=top,
+        novelty=novelty)
     track_rows["path"] = [path_of.get(t) for t in track_rows["track_id"]]
     segment_rows["start_s"] = start_s
     return track_rows, segment_rows

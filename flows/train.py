@@ -120,7 +120,23 @@ class TrainSummary:
         """The labels report, the split, one line per candidate and how one was chosen."""
         return "\n".join([self.labels_report, split_line(self.split),
                           *(candidate_line(c) for c in self.candidates),
-                          *([selection_line(self.selection)] if self.selection else [])])
+                          *([selection_line(self.selection)] if self.selection else []),
+                          open_set_line(self.best.get("open_set"))])
+
+
+def open_set_line(open_set: dict[str, Any] | None) -> str:
+    """How the registered model tells new material from what it knows (its open-set
+    detector, :mod:`training.novelty`).
+    """
+    if not open_set:
+        return ("open set: too few labelled tracks for a detector; `confident` is the "
+                "probability threshold")
+    test = (f"; {open_set['test_known']:.0%} of {open_set['test_tracks']} test tracks "
+            "known" if open_set.get("test_tracks") else "")
+    return (f"open set: a track is confident within distance {open_set['threshold']:.3g} of "
+            f"one of {open_set['reference_tracks']} labelled tracks (level "
+            f"{open_set['level']:.3g}: {open_set['held_out_known']:.0%} of them left out one at "
+            f"a time{test})")
 
 
 def split_line(counts: dict[str, int]) -> str:

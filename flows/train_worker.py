@@ -131,6 +131,7 @@ def _result(out: FitOutput, cv: CVResult | None, run_id: str, uri: str, name: st
             "valid_macro_f1": summary["mean"] if summary else
             out.valid.get("macro_f1", float("nan")),
             "cv": summary, "test": out.test_track, "calibration": out.calibration,
+            "open_set": out.predictor.meta.get("open_set"),
             "train_tracks": out.predictor.meta["train_tracks"],
             "artifact_dir": out.artifact_dir,
             "segments_per_s": out.segments_per_s, "train_seconds": out.train_seconds
@@ -231,9 +232,14 @@ def _log_outputs(out: FitOutput, prep: Prepared, heldout_key: str = "valid_track
         with open(path, "w") as fh:
             json.dump({"classes": classes, "multi_label": prep.labels.multi_label,
                        "threshold": out.predictor.meta.get("threshold"),
+                       "open_set": out.predictor.meta.get("open_set"),
                        "temperature": out.predictor.meta.get("temperature")}, fh, indent=1)
         tracking.log_file(path)
     cal = out.calibration
+    open_set = out.predictor.meta.get("open_set") or {}
+    tracking.log_metrics({f"open_set_{k}": float(open_set[k]) for k in
+                          ("threshold", "held_out_known", "test_known", "reference_tracks")
+                          if k in open_set})
     tracking.log_metrics({"train_seconds": out.train_seconds,
                           "train_segments_per_s": out.segments_per_s,
                           "data_wait_share": out.data_wait_share,

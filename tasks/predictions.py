@@ -192,7 +192,9 @@ def tags(probabilities: np.ndarray, classes: list[str], *, multi_label: bool,
 
 def score_rows(track_ids: np.ndarray, segments: np.ndarray, probabilities: np.ndarray,
                embeddings: np.ndarray | None, classes: list[str], *, threshold: float,
-               multi_label: bool, top: int = 5) -> tuple[dict[str, Any], dict[str, Any]]:
+               multi_label: bool, top: int = 5,
+               novelty: tuple[np.ndarray, np.ndarray] | None = None
+               ) -> tuple[dict[str, Any], dict[str, Any]]:
     """Columns of the ``scores`` (per track) and ``segment_scores`` (per segment) rows.
 
     Parameters
@@ -208,13 +210,17 @@ def score_rows(track_ids: np.ndarray, segments: np.ndarray, probabilities: np.nd
     multi_label : bool
     top : int
         Labels kept in ``top_labels``.
+    novelty : (np.ndarray, np.ndarray), optional
+        ``(track ids, novelty)`` of the model's open-set detector (:mod:`training.novelty`);
+        given, a track (and each of its segments) is ``confident`` when its novelty is at
+        most 1, and ``threshold`` is not used. A track it lacks gets NaN, not confident.
 
     Returns
     -------
     tracks : dict
-        ``track_id``, ``label``, ``probability``, ``confident``, ``tags``, ``top_labels``,
-        ``top_probabilities``, ``probabilities``, ``embedding``, ``n_segments``; one row per
-        track, sorted by id.
+        ``track_id``, ``label``, ``probability``, ``confident``, ``novelty`` (NaN without a
+        detector), ``tags``, ``top_labels``, ``top_probabilities``, ``probabilities``,
+        ``embedding``, ``n_segments``; one row per track, sorted by id.
     segments : dict
         ``track_id``, ``segment``, ``label``, ``probability``, ``confident``,
         ``probabilities``; in input order.
@@ -224,11 +230,22 @@ def score_rows(track_ids: np.ndarray, segments: np.ndarray, probabilities: np.nd
     agg = aggregate_tracks(track_ids, probs, embeddings)
     top_i, top_p = top_k(agg.probabilities, top) if len(agg.track_ids) else (
         np.zeros((0, 0), np.int64), np.zeros((0, 0), np.float32))
+    track_novelty = np.full(len(agg.track_ids), np.nan, np.float32)
+    if novelty is not None:
+        have = dict(zip(novelty[0], np.asarray(novelty[1], np.float32), strict=True))
+        track_novelty = np.array([have.get(t, np.nan) for t in agg.track_ids], np.float32)
+        known = track_novelty <= 1.0  # NaN: not known
+        by_track = dict(zip(agg.track_ids, known, strict=True))
+        seg_confident = np.array([by_track[t] for t in track_ids], dtype=bool)
+    else:
+        known = confident(agg.probabilities, threshold)
+        seg_confident = confident(probs, threshold)
     tracks = {
         "track_id": agg.track_ids,
         "label": names[agg.probabilities.argmax(1)] if len(agg.track_ids) else names[:0],
         "probability": agg.probabilities.max(1) if len(agg.track_ids) else np.zeros(0),
-        "confident": confident(agg.probabilities, threshold),
+        "confident": known,
+        "novelty": track_novelty,
         "tags": tags(agg.probabilities, classes, multi_label=multi_label),
         "top_labels": [list(names[r]) for r in top_i],
         "top_probabilities": [r.tolist() for r in top_p],
@@ -241,7 +258,7 @@ def score_rows(track_ids: np.ndarray, segments: np.ndarray, probabilities: np.nd
         "segment": np.asarray(segments, dtype=np.int32),
         "label": names[probs.argmax(1)] if len(probs) else names[:0],
         "probability": probs.max(1) if len(probs) else np.zeros(0, np.float32),
-        "confident": confident(probs, threshold),
+        "confident": seg_confident,
         "probabilities": probs,
     }
     return tracks, seg

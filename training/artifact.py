@@ -1,9 +1,11 @@
 """A trained tagger on disk, and the predictor that loads it.
 
 An artifact folder holds ``meta.json`` (kind, model config, classes, multi-label flag,
-open-set threshold, calibration temperature, pooling of a classic model, feature set and its
-config, input feature and shape, label set, code version, tracks trained on) and the
-weights: ``weights.pt`` (torch state dict) or ``model.joblib`` (sklearn). An ensemble
+open-set threshold and detector summary, calibration temperature, pooling of a classic
+model, feature set and its config, input feature and shape, label set, code version,
+tracks trained on) and the weights: ``weights.pt`` (torch state dict) or ``model.joblib``
+(sklearn), and the open-set detector's ``novelty.npz`` (:mod:`training.novelty`). An
+ensemble
 (``kind`` ``"ensemble"``, :mod:`training.ensemble`) holds no weights of its own: its members
 are artifact folders under ``members/`` (``meta['members']`` names each one's ``path``,
 ``model``, ``weight`` and ``score``).
@@ -27,6 +29,7 @@ from tasks.errors import ParameterError
 from training.calibration import apply_temperature, log_scores
 from training.classic import classic_proba, pool_segments
 from training.models import Tagger, build_model, config_from_dict
+from training.novelty import NoveltyDetector
 
 META = "meta.json"
 TORCH_WEIGHTS = "weights.pt"
@@ -50,6 +53,8 @@ class Predictor:
     torch_model: Tagger | None = None
     sklearn_model: Any = None
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
+    novelty: NoveltyDetector | None = None
+    """Open-set detector (:mod:`training.novelty`); None: the probability threshold decides."""
 
     @property
     def input(self) -> str:
@@ -160,7 +165,7 @@ class Predictor:
     def save(self, directory: str) -> str:
         """Write this model as an artifact folder (see :func:`save`); return its path."""
         return save(directory, self.meta, torch_model=self.torch_model,
-                    sklearn_model=self.sklearn_model)
+                    sklearn_model=self.sklearn_model, novelty=self.novelty)
 
 
 def write_meta(directory: str, meta: dict[str, Any]) -> None:
@@ -171,9 +176,11 @@ def write_meta(directory: str, meta: dict[str, Any]) -> None:
 
 
 def save(directory: str, meta: dict[str, Any], *, torch_model: Tagger | None = None,
-         sklearn_model: Any = None) -> str:
+         sklearn_model: Any = None, novelty: NoveltyDetector | None = None) -> str:
     """Write an artifact folder; return its path."""
     os.makedirs(directory, exist_ok=True)
+    if novelty is not None:
+        novelty.save(directory)
     if torch_model is not None:
         torch.save({k: v.detach().cpu() for k, v in torch_model.state_dict().items()},
                    os.path.join(directory, TORCH_WEIGHTS))
@@ -197,11 +204,13 @@ def load(directory: str, *, device: str | None = None) -> Predictor:
         from training.ensemble import load_ensemble
 
         return load_ensemble(directory, meta, device=device)
+    novelty = NoveltyDetector.load(directory)
     if meta["kind"] == "sklearn":
         import joblib
 
         return Predictor(meta, sklearn_model=joblib.load(os.path.join(directory,
-                                                                       SKLEARN_MODEL)))
+                                                                       SKLEARN_MODEL)),
+                         novelty=novelty)
     dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     model = build_model(config_from_dict(meta["model_config"]), meta["rows"],
                         len(meta["classes"]))
@@ -209,5 +218,5 @@ def load(directory: str, *, device: str | None = None) -> Predictor:
                        weights_only=True)
     model.load_state_dict(state)
     model.to(dev).eval()
-    return Predictor(meta, torch_model=model, device=dev)
+    return Predictor(meta, torch_model=model, device=dev, novelty=novelty)
 

@@ -47,6 +47,7 @@ from tasks.errors import ParameterError
 from tasks.predictions import align_classes, l2_normalize
 from training import artifact
 from training.calibration import log_scores, track_probabilities
+from training.novelty import NoveltyDetector
 from training.select import COST_ORDER, CVResult, _macro_f1, folds_per_repeat, refit_split
 from training.trainer import MIXED, FitOutput, HeldOut, Prepared, _base_meta, _finish
 
@@ -119,6 +120,8 @@ class Ensemble(artifact.Predictor):
         """
         for member, info in zip(self.members, self.meta["members"], strict=True):
             member.save(os.path.join(directory, info["path"]))
+        if self.novelty is not None:
+            self.novelty.save(directory)
         artifact.write_meta(directory, self.meta | {"kind": ENSEMBLE})
         return directory
 
@@ -130,7 +133,8 @@ def load_ensemble(directory: str, meta: dict[str, Any], *, device: str | None = 
     """
     members = [artifact.load(os.path.join(directory, m["path"]), device=device)
                for m in meta["members"]]
-    return Ensemble(meta, members=members, device=_device(members))
+    return Ensemble(meta, members=members, device=_device(members),
+                    novelty=NoveltyDetector.load(directory))
 
 
 def _device(members: Sequence[artifact.Predictor]) -> torch.device:

@@ -52,6 +52,7 @@ from training.loop import (
     train_network,
 )
 from training.models import MODEL_CONFIGS, Tagger, build_model
+from training.novelty import NoveltyDetector
 
 MODEL_NAMES = (*MODEL_CONFIGS, *CLASSIC_MODELS)
 MIXED = "mixed"
@@ -73,6 +74,7 @@ class Prepared:
     _reader: TensorReader | None = None
     _summary: tuple[pd.DataFrame, list[str]] | None = None
     _tensor_row_of: dict[tuple[Any, int], int] | None = None
+    _novelty: tuple[frozenset[Any], NoveltyDetector | None] | None = None
 
     @property
     def reader(self) -> TensorReader:
@@ -89,6 +91,24 @@ class Prepared:
             self._summary = summary_frame(self.store, self.feature_set,
                                           version=self.versions.get("segments"))
         return self._summary
+
+    def track_ids(self, *, test: bool) -> np.ndarray:
+        """Labelled track ids of the test split (``test``) or of every other split."""
+        ids = self.labels.frame["track_id"].to_numpy(object)
+        return ids[(self.splits.to_numpy(object) == "test") == test]
+
+    def novelty(self) -> NoveltyDetector | None:
+        """The open-set detector of the labelled non-test tracks (:mod:`training.novelty`),
+        fitted once per set of such tracks.
+        """
+        known = frozenset(self.track_ids(test=False))
+        if self._novelty is None or self._novelty[0] != known:
+            table, columns = self.summary
+            rows = table["track_id"].isin(known).to_numpy()
+            self._novelty = (known, NoveltyDetector.fit(
+                table["track_id"].to_numpy(object)[rows],
+                table.loc[rows, columns].to_numpy(np.float64), columns))
+        return self._novelty[1]
 
     def parts(self, kind: str) -> dict[str, SplitRows]:
         """Segment rows per split, for tensor (``logmel``/``mfcc``) or ``summary`` inputs."""
@@ -352,6 +372,24 @@ def calibrate(predictor: artifact.Predictor, labels: LabelSet, held_out: HeldOut
                  "ece_before": ece_before, "ece_after": rep["ece"]}
 
 
+def attach_open_set(predictor: artifact.Predictor, prep: Prepared) -> None:
+    """Give ``predictor`` the run's open-set detector and record it in its meta
+    (``open_set``: the detector's summary, and ``test_known``, the share of test tracks it
+    keeps known, over ``test_tracks``).
+    """
+    detector = prep.novelty()
+    predictor.novelty = detector
+    if detector is None:
+        predictor.meta["open_set"] = None
+        return
+    table, _ = prep.summary
+    frame = table[table["track_id"].isin(prep.track_ids(test=True))]
+    _, novelty = detector.frame_novelty(frame)
+    predictor.meta["open_set"] = detector.summary() | {
+        "test_tracks": len(novelty),
+        "test_known": float(np.mean(novelty <= 1.0)) if len(novelty) else float("nan")}
+
+
 def held_out_scores(predictor: artifact.Predictor, prep: Prepared, split: str = "valid"
                     ) -> HeldOut:
     """Uncalibrated segment scores of ``split``."""
@@ -369,6 +407,7 @@ def _finish(prep: Prepared, predictor: artifact.Predictor, params: dict[str, Any
     held = held_out if held_out is not None else held_out_scores(predictor, prep, "valid")
     valid_track, calibration = calibrate(predictor, labels, held, temperature=temperature)
     predictor.meta["train_tracks"] = int((prep.splits == "train").sum())
+    attach_open_set(predictor, prep)
     test_seg, test_track = evaluate_split(predictor, prep, "test")
     out_dir = predictor.save(os.path.join(workdir, model, "artifact"))
     net = predictor.torch_model

@@ -90,7 +90,7 @@ def test_scores_match_the_registered_model_on_stored_features(scored):
     tracking.configure(FeatureStore(store))
     predictor = load(tracking.load_artifact_dir(f"models:/{NAME}/1"), device="cpu")
     reader = TensorReader(FeatureStore(store))
-    row = _query(store, "SELECT track_id, probabilities, embedding, confident, probability "
+    row = _query(store, "SELECT track_id, probabilities, embedding, confident, novelty "
                         "FROM scores ORDER BY track_id LIMIT 1").iloc[0]
     rows = np.flatnonzero(reader.index.track_id == row["track_id"])
     x = np.stack([reader.matrix("logmel", int(r)) for r in rows])
@@ -98,7 +98,15 @@ def test_scores_match_the_registered_model_on_stored_features(scored):
     np.testing.assert_allclose(row["probabilities"], probs.mean(0), rtol=1e-4, atol=1e-6)
     np.testing.assert_allclose(row["embedding"], l2_normalize(emb.mean(0, keepdims=True))[0],
                                rtol=1e-4, atol=1e-5)
-    assert row["confident"] == (row["probability"] >= predictor.meta["threshold"])
+    # the open-set flag is the detector's, on the track's stored summary statistics
+    det = predictor.novelty
+    open_set = predictor.meta["open_set"]
+    assert det is not None and open_set["reference_tracks"] + open_set["test_tracks"] == 48
+    seg_rows = FeatureStore(store).read(FeatureStore(store).default_feature_set(), "segments",
+                                        ["track_id", *det.columns]).to_pandas()
+    _, nov = det.frame_novelty(seg_rows[seg_rows["track_id"] == row["track_id"]])
+    assert row["novelty"] == pytest.approx(float(nov[0]), rel=1e-5)
+    assert row["confident"] == (row["novelty"] <= 1.0)
     seg = _query(store, f"SELECT probabilities FROM segment_scores WHERE track_id = "
                         f"'{row['track_id']}' ORDER BY segment")
     np.testing.assert_allclose(np.stack(seg["probabilities"].to_numpy()), probs, rtol=1e-4,
@@ -172,14 +180,23 @@ def test_raw_audio_never_ingested_is_ingested_then_scored(scored, tmp_path, dask
     for i, inst in enumerate(("piano", "trumpet", "flute")):
         write(str(cat / f"{inst} {i}.ogg"), render_track(inst, "ballad", seconds=5.0,
                                                          sample_rate=44100, seed=900 + i), 44100)
+    # material of no class: white noise and a noisy chirp (the open set)
+    noise = np.random.default_rng(5).normal(0, 0.3, 5 * 44100).astype(np.float32)
+    write(str(cat / "zz noise.ogg"), noise, 44100)
+    t = np.arange(5 * 44100) / 44100
+    write(str(cat / "zz chirp.ogg"), (0.4 * np.sin(2 * np.pi * (200 + 800 * t) * t)
+                                      + 0.5 * noise).astype(np.float32), 44100)
     fresh = str(tmp_path / "fresh-store")
     summary = run_score(fresh, f"models:/{NAME}/1", source=str(cat), tracking_uri=store,
                         dask_address=dask_address, progress=False)
-    assert summary.ingest is not None and summary.ingest.ok == 3
-    assert summary.tracks == 3
-    rows = _query(fresh, "SELECT s.path, s.label, t.status FROM scores s JOIN tracks t "
-                         "USING (track_id) ORDER BY s.path")
-    assert len(rows) == 3 and set(rows["status"]) == {"ok"}
+    assert summary.ingest is not None and summary.ingest.ok == 5
+    assert summary.tracks == 5
+    rows = _query(fresh, "SELECT s.path, s.label, s.confident, s.novelty, t.status FROM "
+                         "scores s JOIN tracks t USING (track_id) ORDER BY s.path")
+    assert len(rows) == 5 and set(rows["status"]) == {"ok"}
+    odd = rows["path"].str.contains("zz ")
+    assert not rows.loc[odd, "confident"].any() and (rows.loc[odd, "novelty"] > 1).all()
+    assert summary.unconfident >= 2
     assert FeatureStore(fresh).default_feature_set() == FeatureStore(store).default_feature_set()
 
 

@@ -99,3 +99,21 @@ def test_score_rows_tracks_and_segments_agree(rng):
     assert segs["label"].tolist() == ["a", "b", "a"]
     assert segs["confident"].tolist() == [True, True, False]
     np.testing.assert_allclose(np.linalg.norm(tracks["embedding"], axis=1), 1.0, rtol=1e-6)
+
+
+def test_score_rows_with_a_detector_flag_by_novelty_not_probability():
+    ids = np.array(["t2", "t1", "t2", "t3"], dtype=object)
+    probs = np.array([[0.99, 0.01], [0.55, 0.45], [0.98, 0.02], [0.6, 0.4]], np.float32)
+    novelty = (np.array(["t1", "t2"], dtype=object), np.array([0.4, 3.0], np.float32))
+    tracks, segs = score_rows(ids, np.array([0, 0, 1, 0]), probs, None, ["a", "b"],
+                              threshold=0.9, multi_label=False, novelty=novelty)
+    # t1: uncertain but like the labelled tracks; t2: sure but unlike them; t3: not measured
+    assert tracks["track_id"].tolist() == ["t1", "t2", "t3"]
+    assert tracks["confident"].tolist() == [True, False, False]
+    np.testing.assert_allclose(tracks["novelty"][:2], [0.4, 3.0])
+    assert np.isnan(tracks["novelty"][2])
+    assert segs["confident"].tolist() == [False, True, False, False]
+    plain, _ = score_rows(ids, np.array([0, 0, 1, 0]), probs, None, ["a", "b"],
+                          threshold=0.9, multi_label=False)
+    assert plain["confident"].tolist() == [False, True, False]
+    assert np.isnan(plain["novelty"]).all()

@@ -260,7 +260,11 @@ def test_score_and_neighbours_on_a_mixed_ensemble(mixed, dask_address):
     emb = np.stack(tracks["embedding"].to_numpy())
     assert emb.shape == (48, ens.embed_dim)
     np.testing.assert_allclose(np.linalg.norm(emb, axis=1), 1.0, rtol=1e-5)
-    assert (tracks["confident"] == (tracks["probability"] >= ens.meta["threshold"])).all()
+    # the ensemble carries the run's open-set detector: confident is its novelty <= 1
+    assert ens.novelty is not None and ens.meta["open_set"]["reference_tracks"] > 0
+    assert (tracks["confident"] == (tracks["novelty"] <= 1.0)).all()
+    # every labelled non-test track is a reference track, so (nearly) all of them are known
+    assert tracks["confident"].mean() > 0.8
     # the stored scores are the ensemble's on the stored features, every track
     prep = prepare(store, labels, valid_size=0.2, test_size=0.2)
     ids, probs, _ = predict_split(ens, prep, "test", tracks=True)
