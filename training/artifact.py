@@ -4,8 +4,7 @@ An artifact folder holds ``meta.json`` (kind, model config, classes, multi-label
 open-set threshold and detector summary, calibration temperature, pooling of a classic
 model, feature set and its config, input feature and shape, label set, code version,
 tracks trained on) and the weights: ``weights.pt`` (torch state dict) or ``model.joblib``
-(sklearn), and the open-set detector's ``novelty.npz`` (:mod:`training.novelty`). An
-ensemble
+(sklearn), and the open-set detector's ``novelty.npz`` (:mod:`training.novelty`). An ensemble
 (``kind`` ``"ensemble"``, :mod:`training.ensemble`) holds no weights of its own: its members
 are artifact folders under ``members/`` (``meta['members']`` names each one's ``path``,
 ``model``, ``weight`` and ``score``).
