@@ -182,6 +182,15 @@ class ScoreStore:
         if not self.store.fs.exists(target):
             self.store.write_record(target, model.to_dict() | {"registered_at": _now()})
             return
+        self.check_model(model)
+
+    def check_model(self, model: ScoredModel) -> None:
+        """Refuse ``model`` when the scores this store holds for its name and version came
+        from another MLflow run (another registry); nothing to check before its first scores.
+        """
+        target = f"{self.model_root(model.name, model.version)}/model.json"
+        if not self.store.fs.exists(target):
+            return
         known = self.store.read_record(target)
         if known.get("run_id") != model.run_id:
             raise StoreError(

@@ -71,12 +71,22 @@ def cmd_query(args: argparse.Namespace) -> int:
 
 
 def cmd_score(args: argparse.Namespace) -> int:
-    from flows.score import run_score, summary_json
+    from flows.score_preflight import start_score, summary_json
 
-    summary = run_score(
-        args.store, args.model_uri, source=args.source, top_k=args.top_k,
-        dask_address=args.dask_address, n_workers=args.workers, device=args.device,
-        tracking_uri=args.tracking_uri, progress=not args.no_progress, echo=print)
+    # the model resolved and the work known before Prefect or Dask is imported: a score with
+    # nothing to do, or a model that does not exist, answers without either
+    start = start_score(args.store, args.model_uri, source=args.source,
+                        tracking_uri=args.tracking_uri)
+    if start.done is not None:
+        summary = start.done
+    else:
+        from flows.score import run_score
+
+        summary = run_score(
+            args.store, args.model_uri, source=args.source, top_k=args.top_k,
+            dask_address=args.dask_address, n_workers=args.workers, device=args.device,
+            tracking_uri=args.tracking_uri, progress=not args.no_progress, echo=print,
+            start=start)
     if summary.ingest is not None:
         print(summary.ingest.render())
     print(summary.render())

@@ -10,11 +10,8 @@ trained on another feature set than the store holds is refused. The task bodies 
 
 from __future__ import annotations
 
-import json
 import math
-import os
 import time
-from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from prefect import flow, get_run_logger, task, unmapped
@@ -22,90 +19,29 @@ from prefect.cache_policies import NO_CACHE
 from prefect.context import FlowRunContext
 
 from featurestore.scores import ScoredModel, ScoreStore, part_id_of
-from featurestore.store import FeatureStore, ShardManifest, mlflow_db_path
+from featurestore.store import FeatureStore, ShardManifest
 from flows.cluster import Echo
-from flows.ingest import IngestSummary, ingest_flow
+from flows.ingest import ingest_flow
 from flows.ingest_worker import warm_worker
 from flows.plan import MAX_TASK_RUNS
-from flows.records import ScorePartResult, ScorePlan, from_fields
+from flows.records import ScorePartResult, ScorePlan
 from flows.report import publish, run_id
 from flows.runtime import CommitBuffer, Warmup, commit_as_completed, run_on_cluster
-from flows.score_worker import load_predictor, score_part, warm_scorer
+from flows.score_preflight import (  # noqa: F401  (re-exported)
+    ScoreStart,
+    ScoreSummary,
+    already_scored,
+    check_feature_set,
+    scored_model,
+    start_score,
+    summary_json,
+    tracking_uri_for,
+)
+from flows.score_worker import score_part, warm_scorer
 from tasks.config import FeatureConfig
-from tasks.errors import StoreError
 
 MAX_SEGMENTS_PER_PART = 50_000
 """Upper size of one scoring task (about 40 hours of audio at 3 s segments)."""
-
-
-@dataclass
-class ScoreSummary:
-    """What a score run did."""
-
-    model_name: str
-    model_version: str
-    feature_set: str
-    tracks_in_store: int = 0
-    already_scored: int = 0
-    tracks: int = 0
-    segments: int = 0
-    parts: int = 0
-    parts_failed: int = 0
-    scored_elsewhere: int = 0
-    unconfident: int = 0
-    wall_s: float = 0.0
-    compute_s: float = 0.0
-    workers: int = 1
-    device: str = ""
-    label_counts: dict[str, int] = field(default_factory=dict)
-    ingest: IngestSummary | None = None
-
-    @property
-    def tracks_per_s(self) -> float:
-        """Tracks scored per wall second."""
-        return self.tracks / self.wall_s if self.wall_s > 0 else 0.0
-
-    def to_dict(self) -> dict[str, Any]:
-        """JSON-ready dict including derived figures."""
-        return asdict(self) | {"tracks_per_s": self.tracks_per_s}
-
-    @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> ScoreSummary:
-        """Inverse of :meth:`to_dict` (derived figures are recomputed)."""
-        return from_fields(cls, data, ingest=IngestSummary.from_dict)
-
-    def add(self, result: ScorePartResult) -> None:
-        """Count a committed part."""
-        self.tracks += result.n_tracks
-        self.segments += result.n_segments
-        self.parts += 1
-        self.compute_s += result.compute_s
-        self.unconfident += result.n_unconfident
-        self.device = result.device
-        for label, count in result.label_counts.items():
-            self.label_counts[label] = self.label_counts.get(label, 0) + count
-
-    def render(self) -> str:
-        """Human-readable end-of-run summary."""
-        who = f"{self.model_name} v{self.model_version}"
-        if self.tracks == 0 and self.parts_failed == 0:
-            return (f"Nothing to do: all {self.already_scored} tracks with features in "
-                    f"{self.feature_set} are already scored by {who}.")
-        top = sorted(self.label_counts.items(), key=lambda kv: (-kv[1], kv[0]))[:8]
-        lines = [
-            f"Scored {self.tracks} tracks ({self.segments} segments) with {who} "
-            f"(feature set {self.feature_set}) in {self.parts} parts; {self.unconfident} "
-            "not confident",
-            f"  wall {self.wall_s:.1f} s = {self.tracks_per_s:.1f} tracks/s "
-            f"({self.tracks_per_s / max(1, self.workers):.1f} per worker, {self.workers} "
-            f"workers, {self.device or 'cpu'}); {self.already_scored} tracks were already "
-            "scored",
-            "  top labels: " + ", ".join(f"{k} {v}" for k, v in top),
-        ]
-        if self.parts_failed:
-            lines.append(f"  {self.parts_failed} parts failed after retries; run again to "
-                         "finish them")
-        return "\n".join(lines)
 
 
 @task(name="score-part", retries=2, retry_delay_seconds=2, cache_policy=NO_CACHE,
@@ -143,59 +79,6 @@ def plan_parts(manifests: list[ShardManifest], done: set[str], model: ScoredMode
                        sum(m.counts.n_ok for m in g),
                        sum(m.counts.n_segments for m in g)) for g in groups if g]
     return sorted(plans, key=lambda p: -p.n_segments)
-
-
-def tracking_uri_for(store: FeatureStore, tracking_uri: str | None = None) -> str:
-    """The MLflow URI to read models from: given, ``MLFLOW_TRACKING_URI``, or the store's own.
-
-    ``tracking_uri`` may also be the folder of another store (its embedded SQLite is used).
-    """
-    from training import tracking
-
-    if tracking_uri and "://" not in tracking_uri:
-        db = mlflow_db_path(tracking_uri)
-        if not os.path.exists(db):
-            raise StoreError(f"{tracking_uri} is neither a URI nor a store with an MLflow "
-                             "database")
-        tracking_uri = f"sqlite:///{db}"
-    if tracking_uri:
-        tracking.use(tracking_uri)
-        return tracking_uri
-    return tracking.configure(store)
-
-
-def scored_model(model_uri: str, tracking_uri: str) -> tuple[ScoredModel, dict[str, Any]]:
-    """Resolve ``model_uri`` to an exact version; return its record and feature config."""
-    from training import tracking
-
-    tracking.use(tracking_uri)
-    ref = tracking.resolve(model_uri)
-    predictor = load_predictor(tracking_uri, f"models:/{ref['name']}/{ref['version']}", "cpu")
-    meta = predictor.meta
-    model = ScoredModel(
-        name=ref["name"], version=ref["version"], run_id=ref["run_id"],
-        feature_set=meta["feature_set"], classes=list(meta["classes"]),
-        multi_label=bool(meta["multi_label"]), threshold=float(meta.get("threshold", 0.0)),
-        embed_dim=predictor.embed_dim, input=predictor.input, architecture=meta["model"])
-    return model, dict(meta["feature_config"])
-
-
-def check_feature_set(fstore: FeatureStore, model: ScoredModel, config: dict[str, Any]) -> None:
-    """Refuse a model whose feature set the store does not hold (with what differs)."""
-    held = [r for r in fstore.feature_sets() if fstore.has_tracks(r["feature_set"])]
-    if any(r["feature_set"] == model.feature_set for r in held):
-        return
-    lines = [f"model {model.name} v{model.version} was trained on feature set "
-             f"{model.feature_set}, which store {fstore.url} does not hold; scoring its "
-             "features with this model would give garbage."]
-    for record in held:
-        diff = [f"{k}: model {config.get(k)!r}, store {v!r}" for k, v in
-                sorted(record["config"].items()) if config.get(k) != v]
-        what = "; ".join(diff) if diff else "same config, computed by other feature code"
-        lines.append(f"  store feature set {record['feature_set']}: {what}")
-    lines.append("  Pass the audio as SOURCE (`mtag score SOURCE ...`) to compute the model's "
-                 "features, or ingest with the model's feature config.")
-    raise StoreError("\n".join(lines))
 
 
 @flow(name="score", validate_parameters=False)
@@ -275,7 +158,7 @@ def run_score(store: str, model_uri: str, *, source: str | None = None, top_k: i
               dask_address: str | None = None, n_workers: int | None = None,
               device: str | None = None, tracking_uri: str | None = None,
               progress: bool = True, shard_minutes: float = 60.0,
-              echo: Echo = None) -> ScoreSummary:
+              echo: Echo = None, start: ScoreStart | None = None) -> ScoreSummary:
     """Run the score flow on a Dask cluster (an existing one, or a local one started here).
 
     Parameters
@@ -294,10 +177,13 @@ def run_score(store: str, model_uri: str, *, source: str | None = None, top_k: i
     tracking_uri : str, optional
         MLflow URI (or another store's folder) holding the model; default
         ``MLFLOW_TRACKING_URI`` or the store's embedded SQLite.
+    start : ScoreStart, optional
+        What :func:`flows.score_preflight.start_score` already resolved for these arguments.
     """
-    fstore = FeatureStore(store, create=source is not None)
-    uri = tracking_uri_for(fstore, tracking_uri)
-    model, config = scored_model(model_uri, uri)
+    start = start or start_score(store, model_uri, source=source, tracking_uri=tracking_uri)
+    if start.done is not None:  # nothing to score: no cluster, no Prefect API, no flow run
+        return start.done
+    uri, model, config = start.tracking_uri, start.model, start.feature_config
     warm: list[Warmup] = [(warm_scorer, (uri, model.uri, device))]
     if source is not None:
         warm.append((warm_worker, (FeatureConfig.from_dict(config).to_json(),)))
@@ -307,8 +193,3 @@ def run_score(store: str, model_uri: str, *, source: str | None = None, top_k: i
                      "shard_minutes": shard_minutes},
         dask_address=dask_address, n_workers=n_workers, warm=warm, echo=echo)
     return result
-
-
-def summary_json(summary: ScoreSummary) -> str:
-    """The summary as indented JSON."""
-    return json.dumps(summary.to_dict(), indent=1, default=str)

@@ -27,10 +27,10 @@ import torch
 from tasks.errors import ParameterError
 from training.calibration import apply_temperature, log_scores
 from training.classic import classic_proba, pool_segments
+from training.meta import META, read_meta
 from training.models import Tagger, build_model, config_from_dict
 from training.novelty import NoveltyDetector
 
-META = "meta.json"
 TORCH_WEIGHTS = "weights.pt"
 SKLEARN_MODEL = "model.joblib"
 
@@ -197,8 +197,7 @@ def load(directory: str, *, device: str | None = None) -> Predictor:
     """Load an artifact folder written by :func:`save` (or an ensemble's, written by
     :meth:`training.ensemble.Ensemble.save`).
     """
-    with open(os.path.join(directory, META)) as fh:
-        meta = json.load(fh)
+    meta = read_meta(directory)
     if meta["kind"] == "ensemble":
         from training.ensemble import load_ensemble
 
