@@ -10,7 +10,7 @@ How it works
 The lease is a sequence of generation-numbered objects under the store root::
 
     _locks/commit-000000000001.json
-    _locks/commit-000000000002.json     {"owner", "host", "pid", "acquired_at",
+    _locks/commit-000000000002.json     {"owner", "host", "pid", "process", "acquired_at",
     ...                                  "expires_at", "released"}
 
 The highest generation is the current lease. To acquire, a process reads it; if there is none,
@@ -27,7 +27,12 @@ Guarantees
 * Two contenders never both create the same generation, so at most one process at a time
   holds the *current* generation, on one host or many.
 * A holder that stops (crash, kill, lost network) blocks the others for at most ``ttl``
-  seconds: its lease expires and the next contender takes over.
+  seconds: its lease expires and the next contender takes over. A contender on the same
+  kernel and in the same PID namespace as the holder (its record's ``process``: boot id,
+  PID namespace, and the holder's start time) takes over at once when that process is gone
+  (or is a zombie, or its PID now names another process): a `kill -9` of a run does not
+  make the next run on that machine wait out the ttl. Anywhere else (another host, another
+  container) only expiry counts.
 * A holder that merely stalls past its ``expires_at`` (a long pause, a suspended VM) may be
   taken over while it still believes it holds the lease. This is what :meth:`CommitLease.check`
   is for (fencing): it raises once a higher generation exists or the lease has expired, and
@@ -82,6 +87,40 @@ _KEEP = 2
 """Generations older than ``g - _KEEP`` are deleted when generation ``g`` is released."""
 
 
+def _read_text(path: str) -> str | None:
+    try:
+        with open(path) as fh:
+            return fh.read().strip()
+    except OSError:
+        return None
+
+
+def _namespace() -> str | None:
+    """``boot id/PID namespace`` of this process: two processes that share it see the same
+    PIDs (None where /proc does not say, e.g. off Linux).
+    """
+    boot = _read_text("/proc/sys/kernel/random/boot_id")
+    try:
+        ns = os.readlink("/proc/self/ns/pid")
+    except OSError:
+        return None
+    return f"{boot}/{ns}" if boot else None
+
+
+def process_identity(pid: int) -> str | None:
+    """``boot id/PID namespace/start time`` of a live process ``pid`` of this namespace (None
+    if it is gone, a zombie, or /proc does not say).
+    """
+    ns = _namespace()
+    stat = _read_text(f"/proc/{pid}/stat")
+    if ns is None or stat is None:
+        return None
+    fields = stat[stat.rfind(")") + 2:].split()  # after "pid (comm) ": state is field 3
+    if not fields or fields[0] in ("Z", "X"):
+        return None
+    return f"{ns}/{fields[19]}"  # field 22: start time in clock ticks since boot
+
+
 @dataclass(frozen=True)
 class _Record:
     owner: str
@@ -90,11 +129,12 @@ class _Record:
     acquired_at: float
     expires_at: float
     released: bool
+    process: str = ""  # process_identity of the holder ("" where unknown)
 
     def to_bytes(self) -> bytes:
         data = {"owner": self.owner, "host": self.host, "pid": self.pid,
-                "acquired_at": self.acquired_at, "expires_at": self.expires_at,
-                "released": self.released}
+                "process": self.process, "acquired_at": self.acquired_at,
+                "expires_at": self.expires_at, "released": self.released}
         return json.dumps(data, sort_keys=True).encode()
 
     @classmethod
@@ -102,7 +142,19 @@ class _Record:
         data = json.loads(raw)
         return cls(owner=str(data["owner"]), host=str(data["host"]), pid=int(data["pid"]),
                    acquired_at=float(data["acquired_at"]),
-                   expires_at=float(data["expires_at"]), released=bool(data["released"]))
+                   expires_at=float(data["expires_at"]), released=bool(data["released"]),
+                   process=str(data.get("process") or ""))
+
+    def holder_gone(self) -> bool:
+        """Whether the holder is known to be gone: it ran in this process's PID namespace on
+        this boot, and its PID is no longer that process.
+        """
+        if not self.process:
+            return False
+        ns = _namespace()
+        if ns is None or self.process.rsplit("/", 1)[0] != ns:
+            return False  # another host, container or boot: only expiry can tell
+        return process_identity(self.pid) != self.process
 
 
 class _Backend:
@@ -284,9 +336,11 @@ class CommitLease:
             now = time.time()
             if top and current is None:  # deleted under us (never the highest): look again
                 continue
-            if current is None or current.released or current.expires_at <= now:
+            if current is None or current.released or current.expires_at <= now or \
+                    current.holder_gone():
                 mine = _Record(owner=owner, host=socket.gethostname(), pid=os.getpid(),
-                               acquired_at=now, expires_at=now + self.ttl, released=False)
+                               acquired_at=now, expires_at=now + self.ttl, released=False,
+                               process=process_identity(os.getpid()) or "")
                 if self._create(top + 1, mine):
                     if self._backend.generations()[-1] == top + 1:
                         self.generation, self._record = top + 1, mine

@@ -104,7 +104,8 @@ def _contention(store: FeatureStore) -> None:
         lease.release()
     assert _gens(store) == [6, 7, 8]
     record = json.loads(store.fs.cat_file(store.path("_locks", "commit-000000000008.json")))
-    assert set(record) == {"owner", "host", "pid", "acquired_at", "expires_at", "released"}
+    assert set(record) == {"owner", "host", "pid", "process", "acquired_at", "expires_at",
+                           "released"}
     assert record["released"] is True and record["pid"] == os.getpid()
 
 
@@ -143,6 +144,58 @@ def test_local_processes_never_lose_an_update(tmp_path):
     started = time.monotonic()
     _counter(store, tmp_path, processes=4, each=25)
     assert time.monotonic() - started < 60
+
+
+HOLDER = textwrap.dedent("""
+    import sys, time
+    from featurestore.lease import CommitLease
+    from featurestore.store import FeatureStore
+
+    CommitLease(FeatureStore(sys.argv[1]), ttl=600).acquire()
+    print("held", flush=True)
+    time.sleep(600)
+""")
+
+
+def test_a_killed_holder_on_this_machine_is_taken_over_at_once(tmp_path):
+    """A holder killed with SIGKILL (ttl 600 s) does not block the next process; a live one
+    does, and so does a holder whose record names another machine or container.
+    """
+    import signal
+
+    from featurestore.lease import process_identity
+
+    store = FeatureStore(str(tmp_path / "store"), create=True)
+    proc = subprocess.Popen([sys.executable, "-c", HOLDER, store.url], cwd=REPO,
+                            stdout=subprocess.PIPE, text=True)
+    try:
+        assert proc.stdout is not None and proc.stdout.readline().strip() == "held"
+        with pytest.raises(StoreError, match=f"pid {proc.pid}"):  # alive: it holds
+            CommitLease(store, timeout=0.3, poll=0.05).acquire()
+    finally:
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(30)
+    started = time.monotonic()
+    taker = CommitLease(store, ttl=30, timeout=5, poll=0.05).acquire()
+    assert time.monotonic() - started < 2 and taker.generation == 2
+    mine = json.loads(store.fs.cat_file(store.path("_locks", "commit-000000000002.json")))
+    assert mine["process"] == process_identity(os.getpid()) and mine["process"].count("/") == 2
+    taker.release()
+
+    # a record of a dead PID in another PID namespace (or boot): only expiry can tell
+    foreign = {"owner": "x", "host": socket.gethostname(), "pid": proc.pid,
+               "process": "other-boot/pid:[1]/123", "acquired_at": time.time(),
+               "expires_at": time.time() + 600, "released": False}
+    store.fs.pipe_file(store.path("_locks", "commit-000000000003.json"),
+                       json.dumps(foreign).encode())
+    with pytest.raises(StoreError, match="generation 3"):
+        CommitLease(store, timeout=0.3, poll=0.05).acquire()
+    # and an old record without "process" (written before it existed) waits for expiry too
+    del foreign["process"]
+    store.fs.pipe_file(store.path("_locks", "commit-000000000004.json"),
+                       json.dumps(foreign).encode())
+    with pytest.raises(StoreError, match="generation 4"):
+        CommitLease(store, timeout=0.3, poll=0.05).acquire()
 
 
 def test_context_manager_renews(tmp_path):
