@@ -7,8 +7,6 @@ TORCH_SPEC ?= torch==2.13.0
 BIN        := $(VENV)/bin
 STAMP      := $(VENV)/.mtag-installed
 DEMO_DIR   ?= demo
-# test processes (pytest-xdist); every test module runs whole on one of them
-TEST_JOBS  ?= 2
 
 .PHONY: setup demo test test-fast lint bench clean
 
@@ -29,12 +27,12 @@ demo: setup
 
 # the whole suite, then ruff and mypy (CI runs this through .ci/run)
 test: setup
-	$(BIN)/python -m pytest -q -n $(TEST_JOBS) --dist loadscope
+	$(BIN)/python -m pytest -q
 	$(BIN)/ruff check flows tasks featurestore training infra tests bench
 	$(BIN)/mypy
 
 test-fast: setup
-	$(BIN)/python -m pytest -q -n $(TEST_JOBS) --dist loadscope -m "not slow"
+	$(BIN)/python -m pytest -q -m "not slow"
 
 lint: setup
 	$(BIN)/ruff check flows tasks featurestore training infra tests bench

@@ -16,13 +16,9 @@ import numpy as np
 import pytest
 
 # Environment first: Dask worker processes inherit it. A private PREFECT_HOME keeps tests off
-# the user's ~/.prefect; each pytest-xdist worker gets its own (they inherit the controller's).
-_WORKER = os.environ.get("PYTEST_XDIST_WORKER")
-_PREFECT_HOME = tempfile.mkdtemp(prefix=f"mtag-test-prefect-{_WORKER or 'main'}-")
-if _WORKER:
-    os.environ["PREFECT_HOME"] = _PREFECT_HOME
-else:
-    os.environ.setdefault("PREFECT_HOME", _PREFECT_HOME)
+# the user's ~/.prefect.
+_PREFECT_HOME = tempfile.mkdtemp(prefix="mtag-test-prefect-")
+os.environ.setdefault("PREFECT_HOME", _PREFECT_HOME)
 atexit.register(shutil.rmtree, _PREFECT_HOME, ignore_errors=True)
 os.environ.setdefault("DASK_LOGGING__DISTRIBUTED", "warning")
 sys.path.insert(0, os.path.dirname(__file__))
