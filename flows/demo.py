@@ -183,10 +183,10 @@ def _score(store: str, address: str, progress: bool) -> None:
         ("Tag distribution: predicted instrument, mean confidence, tracks not confident",
          "SELECT label, count(*) AS tracks, round(avg(probability), 3) AS mean_p, "
          "count(*) FILTER (NOT confident) AS unsure FROM scores GROUP BY 1 ORDER BY 2 DESC"),
-        ("Least confident tracks (open set: below the threshold chosen on validation data)",
+        ("Least confident tracks (open set: unlike the labelled tracks, or the least sure)",
          "SELECT regexp_extract(path, '[^/]+/[^/]+$') AS file, label, "
-         "round(probability, 3) AS p, top_labels[2] AS runner_up FROM scores "
-         "ORDER BY probability LIMIT 5"),
+         "round(probability, 3) AS p, top_labels[2] AS runner_up, round(novelty, 2) AS "
+         "novelty, confident FROM scores ORDER BY confident, probability LIMIT 5"),
         ("How often a track's 5 nearest neighbours share its predicted instrument",
          "SELECT round(avg((a.label = b.label)::int), 3) AS same_label_share "
          "FROM neighbours n JOIN scores a USING (track_id) "

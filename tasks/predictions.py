@@ -159,10 +159,12 @@ def top_k(probabilities: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
 
 
 def confident(probabilities: np.ndarray, threshold: float) -> np.ndarray:
-    """Open-set flag: the top probability reaches ``threshold``.
+    """Open-set flag of a model without a detector: the top probability reaches ``threshold``.
 
     The threshold is chosen on validation data when the model is trained (the max-probability
-    that keeps 95 % of the correct validation predictions) and stored with it.
+    that keeps 95 % of the correct validation predictions) and stored with it. Models trained
+    since decision 56 carry an open-set detector instead (:mod:`training.novelty`; see
+    :func:`score_rows`).
 
     Returns
     -------
