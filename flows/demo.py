@@ -144,7 +144,13 @@ def _show(con: duckdb.DuckDBPyConnection, store: str, queries: list[tuple[str, s
 
 
 def _train(store: str, labels: str) -> None:
-    from flows.train import candidate_line, selection_line, split_line, train_flow
+    from flows.train import (
+        candidate_line,
+        open_set_line,
+        selection_line,
+        split_line,
+        train_flow,
+    )
     from training.evaluate import render_report
 
     print(f"\n$ mtag train --store {store} --labels {labels} --model auto "
@@ -157,6 +163,7 @@ def _train(store: str, labels: str) -> None:
         print(f"{candidate_line(cand)}, {cand['train_seconds']:.0f} s")
     if summary.selection:
         print(selection_line(summary.selection))
+    print(open_set_line(summary.best.get("open_set")))
     promo = summary.promotion
     print(f"best: {summary.best['model']} -> {DEMO_MODEL} v{promo['version']} "
           f"({'now @champion' if promo['promoted'] else 'champion unchanged'}: "
