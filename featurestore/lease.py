@@ -59,6 +59,7 @@ from __future__ import annotations
 import contextlib
 import datetime as dt
 import errno
+import functools
 import json
 import os
 import random
@@ -95,9 +96,11 @@ def _read_text(path: str) -> str | None:
         return None
 
 
+@functools.lru_cache(maxsize=1)
 def _namespace() -> str | None:
     """``boot id/PID namespace`` of this process: two processes that share it see the same
-    PIDs (None where /proc does not say, e.g. off Linux).
+    PIDs (None where /proc does not say, e.g. off Linux). Read once: a process never
+    changes either.
     """
     boot = _read_text("/proc/sys/kernel/random/boot_id")
     try:

@@ -27,7 +27,7 @@ import torch
 from tasks.errors import ParameterError
 from training.calibration import apply_temperature, log_scores
 from training.classic import classic_proba, pool_segments
-from training.meta import META, read_meta
+from training.meta import META, read_meta, single_embed_dim
 from training.models import Tagger, build_model, config_from_dict
 from training.novelty import NoveltyDetector
 
@@ -63,9 +63,7 @@ class Predictor:
     @property
     def embed_dim(self) -> int:
         """Size of the embeddings :meth:`predict` returns."""
-        if self.sklearn_model is not None:
-            return len(self.meta.get("features") or self.meta["columns"])
-        return int(self.meta["model_config"]["embed_dim"])
+        return single_embed_dim(self.meta, classic=self.sklearn_model is not None)
 
     @property
     def classes(self) -> list[str]:

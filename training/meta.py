@@ -28,6 +28,13 @@ def embed_dim(directory: str, meta: dict[str, Any] | None = None) -> int:
     meta = meta if meta is not None else read_meta(directory)
     if meta["kind"] == "ensemble":
         return sum(embed_dim(os.path.join(directory, m["path"])) for m in meta["members"])
-    if meta["kind"] == "sklearn":
+    return single_embed_dim(meta, classic=meta["kind"] == "sklearn")
+
+
+def single_embed_dim(meta: dict[str, Any], *, classic: bool) -> int:
+    """Embedding size of one (not ensemble) model: a classic model's embedding is its
+    standardised feature row, a network's its ``embed_dim``.
+    """
+    if classic:
         return len(meta.get("features") or meta["columns"])
     return int(meta["model_config"]["embed_dim"])
