@@ -426,9 +426,9 @@ def shard_inprocess(files: Sequence[str], workers: int, repeats: int) -> dict[st
         finally:
             shutil.rmtree(root, ignore_errors=True)
         computes.append(sum(r.compute_s for r in results))
-        audio = sum(r.audio_s for r in results)
+        audio = sum(r.counts.audio_s for r in results)
         n_shards = len(results)
-        failed = sum(r.n_failed for r in results)
+        failed = sum(r.counts.n_failed for r in results)
     return {**_timings(len(files), audio, walls, cpus),
             "compute_s": statistics.median(computes), "shards": n_shards, "failed": failed,
             "probe_wall_s": probe_wall, "probe_cpu_s": probe_cpu}

@@ -27,13 +27,13 @@ from __future__ import annotations
 import itertools
 from dataclasses import dataclass
 
-import librosa
 import numpy as np
 import scipy.fft
 
 from tasks import kernels
 from tasks.columns import SCALAR_FEATURES
 from tasks.config import FeatureConfig
+from tasks.filterbanks import filter_banks
 
 _TINY32 = float(np.finfo(np.float32).tiny)
 
@@ -99,22 +99,11 @@ class SpectralExtractor:
 
     def __init__(self, config: FeatureConfig) -> None:
         self.config = c = config
-        self.window = librosa.filters.get_window(c.window, c.n_fft, fftbins=True).astype(
-            np.float32
-        )
-        self.freqs = librosa.fft_frequencies(sr=c.sample_rate, n_fft=c.n_fft).astype(np.float32)
-        self.mel_basis_t = np.ascontiguousarray(
-            librosa.filters.mel(
-                sr=c.sample_rate, n_fft=c.n_fft, n_mels=c.n_mels, fmin=c.fmin, fmax=c.fmax,
-                dtype=np.float32,
-            ).T
-        )
-        self.chroma_basis_t = np.ascontiguousarray(
-            librosa.filters.chroma(
-                sr=c.sample_rate, n_fft=c.n_fft, n_chroma=c.n_chroma, tuning=c.tuning,
-                dtype=np.float32,
-            ).T
-        )
+        banks = filter_banks(c)  # built by librosa once per machine, then cached
+        self.window = banks.window
+        self.freqs = np.fft.rfftfreq(c.n_fft, 1.0 / c.sample_rate).astype(np.float32)
+        self.mel_basis_t = np.ascontiguousarray(banks.mel.T)
+        self.chroma_basis_t = np.ascontiguousarray(banks.chroma.T)
         dct = scipy.fft.dct(np.eye(c.n_mels), type=2, norm="ortho", axis=0)[: c.n_mfcc]
         self.dct_t = np.ascontiguousarray(dct.T.astype(np.float32))
         self.bands = _contrast_bands(self.freqs, c)

@@ -20,6 +20,10 @@ import pytest
 _PREFECT_HOME = tempfile.mkdtemp(prefix="mtag-test-prefect-")
 os.environ.setdefault("PREFECT_HOME", _PREFECT_HOME)
 atexit.register(shutil.rmtree, _PREFECT_HOME, ignore_errors=True)
+# and a private cache (filter banks) keeps them off the user's ~/.cache
+_CACHE = tempfile.mkdtemp(prefix="mtag-test-cache-")
+os.environ.setdefault("MTAG_CACHE_DIR", _CACHE)
+atexit.register(shutil.rmtree, _CACHE, ignore_errors=True)
 os.environ.setdefault("DASK_LOGGING__DISTRIBUTED", "warning")
 sys.path.insert(0, os.path.dirname(__file__))
 
