@@ -62,9 +62,9 @@ def cache_dir() -> Path:
 
 def bank_key(config: FeatureConfig) -> str:
     """Name of the cache entry of ``config``'s banks: its parameters and librosa's version."""
-    import librosa  # lazy package: the version costs no submodule import
+    from librosa.version import version as librosa_version  # no submodule import
 
-    params = {"librosa": librosa.__version__, "window": config.window,
+    params = {"librosa": librosa_version, "window": config.window,
               "sample_rate": config.sample_rate, "n_fft": config.n_fft,
               "n_mels": config.n_mels, "fmin": config.fmin, "fmax": config.fmax,
               "n_chroma": config.n_chroma, "tuning": config.tuning}
