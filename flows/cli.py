@@ -391,9 +391,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _from_settings(args: argparse.Namespace) -> None:
     """Fill --store, --dask-address and --workers from the settings when not given."""
-    from flows.settings import check_url, load
+    from flows.settings import check_url, export_worker_settings, load
 
     settings = load()
+    export_worker_settings(settings)
     if hasattr(args, "store"):
         args.store = check_url(args.store) if args.store else settings.require("store")
     if getattr(args, "dask_address", None) is None and hasattr(args, "dask_address"):

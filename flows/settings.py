@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -87,6 +88,8 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("MTAG_NEIGHBOURS_K", "10", "neighbours per track written after scoring"),
     Setting("MTAG_FEATURE_DEVICE", "auto", "where ingest workers compute frame features: "
             "auto (a GPU if present), cpu, cuda or cuda:N"),
+    Setting("MTAG_CACHE_DIR", None, "this machine's cache of built filter banks (unset: "
+            "$XDG_CACHE_HOME/mtag, else ~/.cache/mtag)"),
     Setting("MTAG_CONFIG", None, "optional YAML file with any of the MTAG_* settings above "
             "(lower-case keys without the prefix)"),
 )
@@ -137,6 +140,8 @@ class Settings:
     timezone: str = "UTC"
     work_pool: str = "mtag-process"
     neighbours_k: int = 10
+    feature_device: str = "auto"
+    cache_dir: str | None = None
     config: str | None = None
 
     def require(self, key: str) -> Any:
@@ -189,7 +194,20 @@ def load(env: Mapping[str, str] | None = None) -> Settings:
     settings = Settings(**out)
     if settings.store:
         check_url(settings.store)
+    if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", settings.feature_device):
+        raise SettingsError(f"setting feature_device: {settings.feature_device!r} is not auto, "
+                            f"cpu, cuda or cuda:N")
     return settings
+
+
+def export_worker_settings(settings: Settings) -> None:
+    """Put the settings that worker processes read from their environment there (a value
+    from the MTAG_CONFIG file only reaches the workers this way; the environment wins).
+    """
+    for env, value in (("MTAG_FEATURE_DEVICE", settings.feature_device),
+                       ("MTAG_CACHE_DIR", settings.cache_dir)):
+        if value not in (None, "") and not os.environ.get(env):
+            os.environ[env] = str(value)
 
 
 def _read_yaml(path: str) -> dict[str, Any]:

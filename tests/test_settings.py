@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import dataclasses
+import os
+
 import pytest
 
 from flows.settings import (
@@ -10,6 +13,7 @@ from flows.settings import (
     SettingsError,
     apply_defaults,
     check_url,
+    export_worker_settings,
     load,
     redact,
     settings_table,
@@ -36,6 +40,25 @@ def test_bad_values_and_unknown_or_secret_keys_are_refused(tmp_path):
     secret.write_text("aws_secret_access_key: abc\n")
     with pytest.raises(SettingsError, match="secrets come from the environment only"):
         load({"MTAG_CONFIG": str(secret)})
+
+
+def test_every_setting_is_read_and_checked(tmp_path, monkeypatch):
+    """Each MTAG_* variable of the table has its field (one without crashed every command)."""
+    fields = {f.name for f in dataclasses.fields(Settings)}
+    assert {s.key for s in SETTINGS} <= fields
+    got = load({"MTAG_FEATURE_DEVICE": "cuda:1", "MTAG_CACHE_DIR": str(tmp_path)})
+    assert (got.feature_device, got.cache_dir) == ("cuda:1", str(tmp_path))
+    with pytest.raises(SettingsError, match="feature_device: 'gpu' is not auto"):
+        load({"MTAG_FEATURE_DEVICE": "gpu"})
+    # a value from the YAML file reaches the workers through the environment; the
+    # environment's own value wins
+    config = tmp_path / "mtag.yaml"
+    config.write_text("feature_device: cpu\ncache_dir: /var/cache/mtag\n")
+    monkeypatch.delenv("MTAG_FEATURE_DEVICE", raising=False)
+    monkeypatch.setenv("MTAG_CACHE_DIR", "/from/env")
+    export_worker_settings(load({"MTAG_CONFIG": str(config)}))
+    assert os.environ["MTAG_FEATURE_DEVICE"] == "cpu"
+    assert os.environ["MTAG_CACHE_DIR"] == "/from/env"
 
 
 def test_required_setting_names_its_variable():
