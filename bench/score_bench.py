@@ -91,7 +91,10 @@ def inprocess_floor(store: str, uri: str) -> dict[str, Any]:
     for m in fstore.manifests(model.feature_set):
         if predictor.input == "summary":
             break
-        for _, _, x in shard_matrices(fstore, model.feature_set, m.shard_id, predictor.input):
+        if m.tensor_file is None:  # a shard of failed tracks only
+            continue
+        for _, _, x in shard_matrices(fstore, model.feature_set, m.tensor_file,
+                                      predictor.input):
             predictor.predict(x, embeddings=True, batch_size=256)
             n_seg += len(x)
     wall = time.perf_counter() - t0

@@ -17,8 +17,11 @@ import time
 from typing import Any
 
 import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.dataset as ds
 
-from featurestore.reader import read_shard_table, shard_matrices
+from featurestore.reader import shard_matrices
 from featurestore.scores import ScoredModel, ScorePartWriter, ScoreStore
 from featurestore.store import FeatureStore
 from flows.records import ScorePartResult, ScorePlan
@@ -63,10 +66,12 @@ def score_part(store_url: str, tracking_uri: str, model_json: dict[str, Any], pl
     labels: collections.Counter[str] = collections.Counter()
     unsure = 0
     batch = GPU_BATCH if predictor.device.type == "cuda" else CPU_BATCH
+    tracks, seg = _part_rows(store, model, predictor, plan)
     with ScorePartWriter(ScoreStore(store), model, plan.part_id) as writer:
         for shard, tensor_file in zip(plan.shards, plan.tensor_files, strict=True):
-            track_rows, segment_rows = _score_shard(store, model, predictor, shard,
-                                                    tensor_file, top, batch)
+            track_rows, segment_rows = _score_shard(
+                store, model, predictor, _of_shard(tracks, shard), _of_shard(seg, shard),
+                tensor_file, top, batch)
             writer.add(track_rows, segment_rows, shard=shard)
             labels.update(track_rows["label"])
             unsure += int(np.sum(~track_rows["confident"]))
@@ -78,20 +83,43 @@ def score_part(store_url: str, tracking_uri: str, model_json: dict[str, Any], pl
     )
 
 
-def _score_shard(store: FeatureStore, model: ScoredModel, predictor: Any, shard: str,
-                 tensor_file: str | None, top: int, batch: int
-                 ) -> tuple[dict[str, Any], dict[str, Any]]:
-    """Track rows and segment rows of one feature shard."""
+def _part_rows(store: FeatureStore, model: ScoredModel, predictor: Any, plan: ScorePlan
+               ) -> tuple[pa.Table, pa.Table]:
+    """The ``tracks`` and ``segments`` rows of every shard of ``plan``, one read of each table.
+
+    A filtered read opens the footer of every file of the snapshot, so reading shard by shard
+    cost a part (shards x files) footers: 82 ms per read on the 65 files of philharmonia-dev,
+    44 % of a part's time.
+    """
     fs = model.feature_set
-    tracks = read_shard_table(store, fs, shard, "tracks", ["track_id", "path"]).to_pydict()
-    path_of = dict(zip(tracks["track_id"], tracks["path"], strict=True))
     summary_cols = list(predictor.meta["columns"]) if predictor.input in ("summary", "mixed") \
         else []
     detector = predictor.novelty
     novelty_cols = [c for c in detector.columns if c not in summary_cols] if detector else []
-    seg = read_shard_table(store, fs, shard, "segments",
-                           ["track_id", "segment", "start_s", "tensor_row", *summary_cols,
-                            *novelty_cols])
+    where = ds.field("shard").isin(list(plan.shards))
+    tracks = store.read(fs, "tracks", ["shard", "track_id", "path"], filter=where)
+    seg = store.read(fs, "segments", ["shard", "track_id", "segment", "start_s", "tensor_row",
+                                      *summary_cols, *novelty_cols], filter=where)
+    return tracks, seg
+
+
+def _of_shard(rows: pa.Table, shard: str) -> pa.Table:
+    """The rows of one shard (in the order the snapshot holds them), without the column."""
+    return rows.filter(pc.equal(rows["shard"], shard)).drop_columns(["shard"])
+
+
+def _score_shard(store: FeatureStore, model: ScoredModel, predictor: Any, tracks_table: pa.Table,
+                 seg: pa.Table, tensor_file: str | None, top: int, batch: int
+                 ) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Track rows and segment rows of one feature shard (its ``tracks`` and ``segments``
+    rows).
+    """
+    fs = model.feature_set
+    tracks = tracks_table.to_pydict()
+    path_of = dict(zip(tracks["track_id"], tracks["path"], strict=True))
+    summary_cols = list(predictor.meta["columns"]) if predictor.input in ("summary", "mixed") \
+        else []
+    detector = predictor.novelty
     seg_ids = seg["track_id"].to_numpy(zero_copy_only=False)
     seg_no = seg["segment"].to_numpy()
     if predictor.input == "summary":
