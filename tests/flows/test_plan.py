@@ -82,3 +82,16 @@ def test_score_parts_cover_each_unscored_shard_once_and_balance_segments():
     assert len(plans) >= 4 and all(p.n_segments <= 400 for p in plans)
     assert plans == plan_parts(shards, done, model, workers=2, max_segments=400)  # stable ids
     assert plan_parts(shards, {m.shard_id for m in shards}, model, workers=2) == []
+
+
+def test_score_parts_do_not_overshoot_their_target_by_a_whole_shard():
+    from featurestore.scores import ScoredModel
+    from featurestore.store import ShardCounts, ShardManifest
+    from flows.score import plan_parts
+
+    model = ScoredModel("m", "1", "r", "fs-x", ["a"], False, 0.5, 4, "logmel", "cnn")
+    sizes = [500, 500, 100, 500, 500, 100]  # target 550 for 4 parts
+    shards = [ShardManifest(f"s-{i:02d}", "fs-x", ShardCounts(n, n, 0, n, 3.0 * n))
+              for i, n in enumerate(sizes)]
+    plans = plan_parts(shards, set(), model, workers=2)
+    assert sorted(p.n_segments for p in plans) == [500, 500, 600, 600]
