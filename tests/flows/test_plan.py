@@ -95,3 +95,7 @@ def test_score_parts_do_not_overshoot_their_target_by_a_whole_shard():
               for i, n in enumerate(sizes)]
     plans = plan_parts(shards, set(), model, workers=2)
     assert sorted(p.n_segments for p in plans) == [500, 500, 600, 600]
+    # a small remainder joins the last part instead of becoming a task run of its own
+    tail = [*shards, ShardManifest("s-99", "fs-x", ShardCounts(40, 40, 0, 40, 120.0))]
+    assert sorted(p.n_segments for p in plan_parts(tail, set(), model, workers=2)) == \
+        [500, 500, 600, 640]
