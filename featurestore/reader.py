@@ -15,7 +15,6 @@ from dataclasses import dataclass
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.dataset as ds
 import pyarrow.ipc as ipc
 
 from featurestore.schema import read_metadata
@@ -122,12 +121,6 @@ def read_table(store: FeatureStore, feature_set: str, table: str,
     if rows.num_rows == 0 and not store.has_tracks(feature_set):
         raise SchemaError(f"feature set {feature_set} has no committed {table}")
     return rows
-
-
-def read_shard_table(store: FeatureStore, feature_set: str, shard_id: str, table: str,
-                     columns: list[str] | None = None) -> pa.Table:
-    """One committed shard's rows of ``tracks`` or ``segments``."""
-    return store.read(feature_set, table, columns, filter=ds.field("shard") == shard_id)
 
 
 def shard_matrices(store: FeatureStore, feature_set: str, tensor_file: str, name: str, *,

@@ -93,7 +93,7 @@ class HeadStart:
     def __init__(self, store_url: str, config: FeatureConfig, look: LookUp, *,
                  local: bool = True) -> None:
         self.token = uuid.uuid4().hex
-        self.store_url, self.config, self.look = store_url, config, look
+        self.store_url, self.config, self.look, self.local = store_url, config, look, local
         self._files = list(look.triage.to_probe)
         self._next = 0
         self._stop = threading.Event()
@@ -289,17 +289,17 @@ def run_ingest(source: str, store: str, *, config: FeatureConfig | None = None,
     # a running scheduler and a configured Prefect server the flow starts at once, and its
     # shards are then all task runs the server shows)
     booting = dask_address is None or not os.environ.get("PREFECT_API_URL")
+    head = HeadStart(fstore.url, cfg, look, local=dask_address is None).start() \
+        if head_start and booting else None
     # one BLAS thread in this process: the head start's matrix products are small, and on
     # busy cores OpenBLAS's extra threads spin (16 ogg files extracted in one process: 33-35
     # CPU-s in 22-24 s of wall time with its default pool, 23 CPU-s in 23 s with one thread);
     # nothing else here does linear algebra
     blas = contextlib.ExitStack()
-    if head_start and booting and dask_address is None:
+    if head is not None and head.local:
         from threadpoolctl import threadpool_limits
 
         blas.enter_context(threadpool_limits(limits=1, user_api="blas"))
-    head = HeadStart(fstore.url, cfg, look, local=dask_address is None).start() \
-        if head_start and booting else None
     try:
         from flows.ingest import ingest_flow
         from flows.ingest_worker import warm_worker

@@ -77,9 +77,8 @@ def plan_parts(manifests: list[ShardManifest], done: set[str], model: ScoredMode
             size = 0
         groups[-1].append(m)
         size += n_seg
-    last = sum(m.counts.n_segments for m in groups[-1])
-    if len(groups) > n and last < target / 2 and \
-            sum(m.counts.n_segments for m in groups[-2]) + last <= max_segments:
+    if len(groups) > n and size < target / 2 and \
+            sum(m.counts.n_segments for m in groups[-2]) + size <= max_segments:
         groups[-2].extend(groups.pop())  # a remainder is not worth a task run of its own
     plans = [ScorePlan(part_id_of(model, [m.shard_id for m in g]),
                        tuple(m.shard_id for m in g), tuple(m.tensor_file for m in g),

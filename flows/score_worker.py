@@ -91,16 +91,20 @@ def _part_rows(store: FeatureStore, model: ScoredModel, predictor: Any, plan: Sc
     cost a part (shards x files) footers: 82 ms per read on the 65 files of philharmonia-dev,
     44 % of a part's time.
     """
-    fs = model.feature_set
-    summary_cols = list(predictor.meta["columns"]) if predictor.input in ("summary", "mixed") \
-        else []
+    summary_cols = _summary_columns(predictor)
     detector = predictor.novelty
     novelty_cols = [c for c in detector.columns if c not in summary_cols] if detector else []
     where = ds.field("shard").isin(list(plan.shards))
+    fs = model.feature_set
     tracks = store.read(fs, "tracks", ["shard", "track_id", "path"], filter=where)
     seg = store.read(fs, "segments", ["shard", "track_id", "segment", "start_s", "tensor_row",
                                       *summary_cols, *novelty_cols], filter=where)
     return tracks, seg
+
+
+def _summary_columns(predictor: Any) -> list[str]:
+    """The ``segments`` summary columns the model reads (none for a tensor-only model)."""
+    return list(predictor.meta["columns"]) if predictor.input in ("summary", "mixed") else []
 
 
 def _of_shard(rows: pa.Table, shard: str) -> pa.Table:
@@ -117,8 +121,7 @@ def _score_shard(store: FeatureStore, model: ScoredModel, predictor: Any, tracks
     fs = model.feature_set
     tracks = tracks_table.to_pydict()
     path_of = dict(zip(tracks["track_id"], tracks["path"], strict=True))
-    summary_cols = list(predictor.meta["columns"]) if predictor.input in ("summary", "mixed") \
-        else []
+    summary_cols = _summary_columns(predictor)
     detector = predictor.novelty
     seg_ids = seg["track_id"].to_numpy(zero_copy_only=False)
     seg_no = seg["segment"].to_numpy()
