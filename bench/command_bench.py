@@ -456,7 +456,7 @@ def _loads(x: Sequence[float] | None) -> str:
 # ----------------------------------------------------------------------------------------
 def mtag_command(given: str | None) -> list[str]:
     """The ``mtag`` console script next to this Python (the pyproject entry point,
-    ``flows.cli:main``), else ``python -m flows.cli``."""
+    ``flows.cli:entry``), else ``python -m flows.cli``."""
     if given:
         return given.split()
     script = os.path.join(os.path.dirname(sys.executable), "mtag")

@@ -81,8 +81,14 @@ def fork_workers(preload: Sequence[str]) -> None:
     server = getattr(multiprocessing.forkserver, "_forkserver", None)
     current = list(getattr(server, "_preload_modules", None) or [])
     ours = [m for m in (*WORKER_PRELOAD, *preload) if m not in current]
-    if ours:  # takes effect if the fork server has not started yet
-        ctx.set_forkserver_preload([*current, *ours])
+    if ours or current[:1] != [_PRELOAD_BEGIN]:  # takes effect if the server has not started
+        middle = [m for m in (*current, *ours) if m not in (_PRELOAD_BEGIN, _PRELOAD_END)]
+        ctx.set_forkserver_preload([_PRELOAD_BEGIN, *middle, _PRELOAD_END])
+
+
+_PRELOAD_BEGIN, _PRELOAD_END = "flows._preload_begin", "flows._preload_end"
+"""First and last of the fork server's imports: no garbage collection in between, then what
+they made is frozen (:mod:`flows.startup`), in the server and in every worker it forks."""
 
 
 @contextlib.contextmanager

@@ -22,6 +22,7 @@ from prefect.futures import PrefectFuture, as_completed
 from flows.cluster import ClusterInfo, Echo, dask_cluster
 from flows.prefect_api import prefect_api
 from flows.progress import Progress
+from flows.startup import started
 
 if TYPE_CHECKING:
     from prefect_dask import DaskTaskRunner
@@ -75,6 +76,7 @@ def run_on_cluster(flow: Any, parameters: dict[str, Any], *, dask_address: str |
             cluster.warm(fn, *args)
         if on_cluster is not None:
             on_cluster(cluster)
+        started()  # the command's stack is imported by now (flows.startup)
         api.start()
         return flow.with_options(task_runner=runner)(**parameters, workers=cluster.threads)
 

@@ -440,7 +440,7 @@ def test_commands_named_in_recipes_exist():
     from flows.cli import build_parser
 
     scripts = pyproject()["project"]["scripts"]
-    assert scripts.get("mtag") == "flows.cli:main"
+    assert scripts.get("mtag") == "flows.cli:entry"
     console = {e.name for e in importlib.metadata.entry_points(group="console_scripts")}
     dask_cli = {e.name for e in importlib.metadata.entry_points(group="dask_cli")}
     subparsers = next(a for a in build_parser()._actions if a.dest == "command")
