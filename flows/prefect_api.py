@@ -193,7 +193,7 @@ def _tail(path: str, lines: int = 20) -> str:
 
 
 _SERVER = """
-import ctypes, gc, os, runpy, signal, sys
+import atexit, ctypes, gc, os, runpy, signal, sys
 if sys.platform.startswith("linux"):  # SIGTERM when the parent dies
     ctypes.CDLL("libc.so.6").prctl(1, signal.SIGTERM)
 if os.getppid() != int(sys.argv[1]):  # the parent died before that took effect
@@ -201,6 +201,7 @@ if os.getppid() != int(sys.argv[1]):  # the parent died before that took effect
 gc.disable()  # no collection while the server's stack imports (flows.startup)
 import prefect.server.api.server
 gc.freeze()
+atexit.register(gc.unfreeze)  # collected at exit as before (flows.startup._freeze)
 gc.enable()
 sys.argv = ["uvicorn", *sys.argv[2:]]
 runpy.run_module("uvicorn", run_name="__main__", alter_sys=True)

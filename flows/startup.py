@@ -46,7 +46,7 @@ def started() -> None:
     """
     global _starting
     if _starting:
-        gc.freeze()
+        _freeze()
         gc.set_threshold(*DEFAULT_THRESHOLDS)
         _starting = False
 
@@ -62,8 +62,17 @@ def resume_collection() -> None:
     """Freeze what the imports made and collect as usual from here (before forking, this also
     keeps the children from touching, and so copying, the parent's pages).
     """
-    gc.freeze()
+    _freeze()
     gc.enable()
+
+
+def _freeze() -> None:
+    """``gc.freeze()``, undone at exit: an interpreter that exits normally (a worker, the API
+    server) then collects everything at its end as before, and native extensions do not
+    report the frozen objects they own as leaked (duckdb's nanobind types did, on stderr).
+    """
+    gc.freeze()
+    atexit.register(gc.unfreeze)
 
 
 def exit_now(code: int) -> None:
