@@ -115,3 +115,23 @@ def test_the_loopback_ca_file_is_skipped_where_the_cache_cannot_be_written(tmp_p
     blocker.write_text("not a folder")
     monkeypatch.setenv("MTAG_CACHE_DIR", str(blocker / "cache"))
     assert loopback_ca_file() is None
+
+
+def test_scoring_workers_are_forked_with_the_model_stack_imported():
+    # in a process of its own: the fork server of this test session may have started already,
+    # with the preload list of whichever cluster came first
+    out = run_python("""
+        import sys
+        from flows.cluster import dask_cluster
+        from flows.score import SCORE_PRELOAD
+
+        def imported():
+            return [m in sys.modules for m in ("torch", "mlflow", "training.artifact")]
+
+        with dask_cluster(None, n_workers=1, preload=SCORE_PRELOAD) as cluster:
+            [got] = cluster.client.run(imported).values()
+        print(got, "torch" in sys.modules)
+    """)
+    assert out.returncode == 0, out.stderr[-3000:]
+    # the workers hold the stack before their first task; the command never imports torch
+    assert out.stdout.strip().splitlines()[-1] == "[True, True, True] False"
