@@ -29,6 +29,7 @@ import itertools
 import json
 import os
 import uuid
+from collections.abc import Collection
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -238,12 +239,20 @@ class FeatureStore:
 
     # --- snapshots ------------------------------------------------------------------------
     def read(self, feature_set: str, table: str, columns: list[str] | None = None, *,
-             filter: Any = None, version: int | str | dt.datetime | None = None) -> pa.Table:
-        """Rows of a feature set's ``tracks`` or ``segments`` snapshot."""
+             filter: Any = None, version: int | str | dt.datetime | None = None,
+             shards: Collection[str] | None = None) -> pa.Table:
+        """Rows of a feature set's ``tracks`` or ``segments`` snapshot (of ``shards`` only,
+        when given: other shards' own files are not opened).
+        """
         schema = TRACKS_SCHEMA if table == "tracks" else segments_schema(
             self.config(feature_set))
+        keep = None
+        if shards is not None:
+            where = ds.field("shard").isin(sorted(shards))
+            filter = where if filter is None else filter & where
+            keep = tables.shard_file_filter(shards)
         return tables.read_snapshot(self, self.table_path(feature_set, table), columns,
-                                    filter, version, schema=schema)
+                                    filter, version, schema=schema, keep_file=keep)
 
     def files(self, feature_set: str, table: str,
               version: int | str | dt.datetime | None = None) -> list[str]:

@@ -21,7 +21,9 @@ from __future__ import annotations
 import datetime as dt
 import json
 import os
+import re
 import uuid
+from collections.abc import Callable, Collection
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -156,9 +158,12 @@ def open_table(store: FeatureStore, path: str, version: int | str | dt.datetime 
 
 def read_snapshot(store: FeatureStore, path: str, columns: list[str] | None = None,
                   filter: Any = None, version: int | str | dt.datetime | None = None,
-                  schema: pa.Schema | None = None) -> pa.Table:
+                  schema: pa.Schema | None = None,
+                  keep_file: Callable[[str], bool] | None = None) -> pa.Table:
     """Rows of a table's snapshot (``columns``, rows matching the pyarrow ``filter``).
 
+    ``keep_file`` (a file's name -> bool) leaves out files known to hold no matching row
+    before any is opened (see :func:`shard_file_filter`); the ``filter`` still decides rows.
     A missing table reads as empty (with ``schema`` when given).
     """
     table = open_table(store, path, version)
@@ -167,19 +172,43 @@ def read_snapshot(store: FeatureStore, path: str, columns: list[str] | None = No
             return pa.table({})
         empty = schema.empty_table()
         return empty.select(columns) if columns else empty
-    return snapshot_dataset(store, table).to_table(columns=columns, filter=filter)
+    return snapshot_dataset(store, table, keep_file).to_table(columns=columns, filter=filter)
 
 
-def snapshot_dataset(store: FeatureStore, table: DeltaTable) -> Any:
-    """A pyarrow dataset over the snapshot's Parquet files, read through the store's own
-    filesystem. (delta-rs' ``to_pyarrow_dataset`` reads through a filesystem of its own whose
-    threads sometimes outlive the interpreter and abort it at exit: delta-rs issue 2184.) The
-    tables have no partition columns and no deletion vectors, so the files are the snapshot.
+SHARD_FILE = re.compile(r"^(s-[0-9a-f]+)-")
+"""A data file a shard's own writer wrote: its name starts with the shard id (the ingest
+writer's ``prefix``, and the rewrite of a raced shard); that file holds rows of that shard
+only. Every other file (a compaction's, a delete's rewrite, a migration's) may hold any."""
+
+
+def shard_file_filter(shards: Collection[str]) -> Callable[[str], bool]:
+    """``keep_file`` for a read of ``shards``: a shard's own files of other shards are left
+    out unopened. A filtered read otherwise opens the footer of every file of the snapshot:
+    0.29 s per read on the 65 files of philharmonia-dev, for a part of 20 shards.
+    """
+    wanted = frozenset(shards)
+
+    def keep(name: str) -> bool:
+        own = SHARD_FILE.match(name)
+        return own is None or own.group(1) in wanted
+
+    return keep
+
+
+def snapshot_dataset(store: FeatureStore, table: DeltaTable,
+                     keep_file: Callable[[str], bool] | None = None) -> Any:
+    """A pyarrow dataset over the snapshot's Parquet files (those ``keep_file`` keeps), read
+    through the store's own filesystem. (delta-rs' ``to_pyarrow_dataset`` reads through a
+    filesystem of its own whose threads sometimes outlive the interpreter and abort it at
+    exit: delta-rs issue 2184.) The tables have no partition columns and no deletion vectors,
+    so the files are the snapshot.
     """
     import pyarrow.dataset as ds
 
     schema = pa.schema(table.schema().to_arrow())
     uris = list(table.file_uris())
+    if keep_file is not None:
+        uris = [u for u in uris if keep_file(u.rsplit("/", 1)[-1])]
     if store.is_local:
         return ds.dataset(uris, schema=schema, format="parquet")
     from pyarrow.fs import FSSpecHandler, PyFileSystem

@@ -198,6 +198,8 @@ class ShardWriter:
             schema=with_metadata(TRACKS_SCHEMA, self.config),
         )
         segments = self._segments_table()
+        # named after the shard: a reader of some shards leaves the others' files unopened
+        # (featurestore.tables.SHARD_FILE)
         tracks_file = tables.write_data_file(
             self.store, self.store.table_path(self.feature_set, "tracks"), tracks,
             prefix=self.shard_id)

@@ -102,3 +102,31 @@ def test_committed_ids_follow_other_writers_and_compaction(store):
 
     tables.open_table(store, table).delete("track_id = 'tnew'")  # a repair removes a track
     assert store.committed_track_ids(FS) == ids
+
+
+def test_a_read_of_some_shards_opens_only_their_files_before_and_after_compaction(store):
+    import pyarrow.dataset as ds
+
+    from featurestore import tables
+
+    want = ["s-1", "s-5"]
+
+    def opened():
+        table = tables.open_table(store, store.table_path(FS, "segments"))
+        return len(tables.snapshot_dataset(store, table, tables.shard_file_filter(want)).files)
+
+    def rows(t):
+        return sorted(zip(t["shard"].to_pylist(), t["track_id"].to_pylist(),
+                          t["segment"].to_pylist(), strict=True))
+
+    filtered = store.read(FS, "segments", filter=ds.field("shard").isin(want))
+    got = store.read(FS, "segments", shards=want)
+    assert rows(got) == rows(filtered) and {s for s, _, _ in rows(got)} == set(want)
+    assert got.num_rows == 2 * (2 + 3)
+    assert opened() == 2  # the two shards' own files, not the other six
+    compact(store)  # one file of every shard: a shard's name no longer says what it holds
+    assert opened() == 1
+    assert rows(store.read(FS, "segments", shards=want)) == rows(got)
+    # a filter and shards together: both hold
+    one = store.read(FS, "segments", filter=ds.field("track_id") == "t1a", shards=want)
+    assert {t for _, t, _ in rows(one)} == {"t1a"}
