@@ -148,7 +148,7 @@ def loopback_ca_file() -> str | None:
 
     Every Prefect client builds an SSL context from ``PREFECT_API_SSL_CERT_FILE``, by default
     certifi's bundle of about 140 certificates: 30 ms each time, and Prefect builds clients
-    for every task run (14 in each worker and 7 in the command for one ingest of
+    for every task run (14 in each worker and 8 in the command for one ingest of
     philharmonia-dev: 1.8 CPU-seconds). The temporary API is plain HTTP on the loopback, so
     the file is never used to verify anything; one certificate (certifi's first, copied to
     the cache folder once) takes 0.6 ms. None if the cache cannot be written.
@@ -173,7 +173,11 @@ def loopback_ca_file() -> str | None:
             path.parent.mkdir(parents=True, exist_ok=True)
             with tempfile.NamedTemporaryFile("w", dir=path.parent, delete=False,
                                              suffix=".tmp") as tmp:
-                tmp.write(bundle[start:stop + len(end)] + "\n")
+                try:
+                    tmp.write(bundle[start:stop + len(end)] + "\n")
+                except OSError:  # a full disk, say: no half-written file left behind
+                    os.unlink(tmp.name)
+                    raise
             os.replace(tmp.name, path)
         ssl.create_default_context(cafile=str(path))
     except (OSError, ssl.SSLError, ValueError) as exc:  # unwritable, torn: rebuilt next time
