@@ -197,16 +197,15 @@ def _tail(path: str, lines: int = 20) -> str:
 
 
 _SERVER = """
-import atexit, ctypes, gc, os, runpy, signal, sys
+import ctypes, os, runpy, signal, sys
 if sys.platform.startswith("linux"):  # SIGTERM when the parent dies
     ctypes.CDLL("libc.so.6").prctl(1, signal.SIGTERM)
 if os.getppid() != int(sys.argv[1]):  # the parent died before that took effect
     sys.exit(0)
-gc.disable()  # no collection while the server's stack imports (flows.startup)
+from flows.startup import pause_collection, resume_collection
+pause_collection()  # no collection while the server's stack imports
 import prefect.server.api.server
-gc.freeze()
-atexit.register(gc.unfreeze)  # collected at exit as before (flows.startup._freeze)
-gc.enable()
+resume_collection()
 sys.argv = ["uvicorn", *sys.argv[2:]]
 runpy.run_module("uvicorn", run_name="__main__", alter_sys=True)
 """

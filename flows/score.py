@@ -44,6 +44,12 @@ MAX_SEGMENTS_PER_PART = 50_000
 """Upper size of one scoring task (about 40 hours of audio at 3 s segments)."""
 
 
+SCORE_PRELOAD = ("flows.score_worker", "training.tracking", "training.artifact")
+"""What a local scoring worker imports before it is forked (torch, MLflow, scikit-learn: about
+3.5 CPU-s): imported once by the fork server instead of once per worker by the warm-up, which
+then only loads the model. The command itself still never imports torch (decision 57)."""
+
+
 @task(name="score-part", retries=2, retry_delay_seconds=2, cache_policy=NO_CACHE,
       task_run_name="score-{plan.part_id}")
 def score_task(store_url: str, tracking_uri: str, model_json: dict[str, Any], plan: ScorePlan,
@@ -158,12 +164,6 @@ def _score(fstore: FeatureStore, scores: ScoreStore, tracking_uri: str, model: S
         futures, commit, what="score", total=sum(p.n_tracks for p in plans), unit="tracks",
         progress=progress)
     buffer.flush()
-
-
-SCORE_PRELOAD = ("flows.score_worker", "training.tracking", "training.artifact")
-"""What a local scoring worker imports before it is forked (torch, MLflow, scikit-learn: about
-3.5 CPU-s): imported once by the fork server instead of once per worker by the warm-up, which
-then only loads the model. The command itself still never imports torch (decision 57)."""
 
 
 def run_score(store: str, model_uri: str, *, source: str | None = None, top_k: int = 5,

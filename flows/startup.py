@@ -87,13 +87,7 @@ def exit_now(code: int) -> None:
     # the interpreter's own order: threading's exit callbacks (Prefect drains its log and
     # event workers there, while the temporary API still answers) and the join of
     # non-daemon threads, then the atexit handlers (the API's stop among them)
-    shutdown = getattr(threading, "_shutdown", None)
-    if shutdown is not None:
-        shutdown()
-    else:  # pragma: no cover - every CPython this project supports has it
-        for thread in threading.enumerate():
-            if thread is not threading.main_thread() and not thread.daemon:
-                thread.join()
+    threading._shutdown()  # type: ignore[attr-defined]
     atexit._run_exitfuncs()
     for stream in (sys.stdout, sys.stderr):
         try:
