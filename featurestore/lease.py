@@ -15,8 +15,9 @@ The lease is a sequence of generation-numbered objects under the store root::
 
 The highest generation is the current lease. To acquire, a process reads it; if there is none,
 or it is released, or it has expired, the process creates the next generation with an
-*exclusive create* (``O_CREAT | O_EXCL`` on a local disk, a conditional ``PutObject`` with
-``If-None-Match: *`` on S3), which exactly one contender can win; the others re-read and wait.
+*exclusive create* (a hard link of a finished temporary file on a local disk, a conditional
+``PutObject`` with ``If-None-Match: *`` on S3: :func:`featurestore.records.put_if_absent`),
+which exactly one contender can win; the others re-read and wait.
 The holder renews by rewriting its own object with a later ``expires_at`` (the
 :class:`CommitLease` context manager does this from a daemon thread every ``ttl / 3``), and
 releases by rewriting it with ``released: true``; only the owner ever writes its generation.
@@ -47,8 +48,9 @@ What it does not guarantee
   time takes the lease over early; the holder's next :meth:`~CommitLease.check` then raises, but
   a commit already past its check is not stopped.
 * **Storage.** Exclusive creates are needed: a local filesystem (one host, or a network
-  filesystem with working ``O_EXCL``) or an S3 store that honours ``If-None-Match`` (AWS S3
-  since 2024, MinIO, moto). Other fsspec filesystems are refused with :class:`StoreError`.
+  filesystem with atomic hard links or ``O_EXCL``) or an S3 store that honours
+  ``If-None-Match`` (AWS S3 since 2024, MinIO, moto). Other fsspec filesystems are refused
+  with :class:`StoreError`.
 * **Re-entrancy.** A :class:`CommitLease` that is held refuses a second :meth:`acquire`, and
   a second :class:`CommitLease` of the same process waits for the first like any other
   contender: take the lease once per commit.
@@ -58,7 +60,6 @@ from __future__ import annotations
 
 import contextlib
 import datetime as dt
-import errno
 import functools
 import json
 import os
@@ -71,8 +72,7 @@ import uuid
 from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any
 
-from fsspec.asyn import sync
-
+from featurestore import records
 from tasks.errors import StoreError
 
 if TYPE_CHECKING:
@@ -167,7 +167,7 @@ class _Backend:
         self.store = store
         self.fs = store.fs
         self.dir = store.path(LOCK_DIR)
-        self.s3 = _is_s3(self.fs)
+        self.s3 = records.is_s3(self.fs)
         if not (store.is_local or self.s3):
             protocol = self.fs.protocol
             raise StoreError(
@@ -183,46 +183,18 @@ class _Backend:
 
     def create(self, generation: int, data: bytes) -> bool:
         """Create ``generation`` unless it exists; ``True`` if this call created it."""
-        path = self.path(generation)
-        if self.store.is_local:
-            try:
-                fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
-            except FileExistsError:
-                return False
-            try:
-                os.write(fd, data)
-            finally:
-                os.close(fd)
-            return True
-        bucket, key, _ = self.fs.split_path(path)
-        try:
-            sync(self.fs.loop, self.fs._call_s3, "put_object", Bucket=bucket, Key=key,
-                 Body=data, IfNoneMatch="*")
-        except FileExistsError:
-            return False
-        except OSError as exc:  # 409 ConditionalRequestConflict: a concurrent create won
-            if exc.errno == errno.EBUSY:
-                return False
-            raise
-        return True
+        return records.put_if_absent(self.fs, self.path(generation), data)
 
     def overwrite(self, generation: int, data: bytes) -> None:
         """Replace ``generation``'s content (readers see the old or the new, never a mix)."""
-        path = self.path(generation)
-        if self.store.is_local:
-            tmp = f"{path}.{uuid.uuid4().hex[:8]}.tmp"
-            with open(tmp, "wb") as fh:
-                fh.write(data)
-            os.replace(tmp, path)
-        else:  # one PUT is atomic on S3
-            self.fs.pipe_file(path, data)
+        records.put(self.fs, self.path(generation), data)
 
     def read(self, generation: int, grace: float) -> _Record | None:
         """The record of ``generation``; ``None`` if it is gone.
 
-        A record that cannot be parsed (locally, a file caught between its exclusive create and
-        its write, or one whose writer died there) reads as held by an unknown process until
-        its modification time plus ``grace`` seconds.
+        A record that cannot be parsed (a damaged file, or one from a release that created the
+        file before writing it, caught in between or whose writer died there) reads as held by
+        an unknown process until its modification time plus ``grace`` seconds.
         """
         path = self.path(generation)
         try:
@@ -506,11 +478,3 @@ def commit_lease(store: FeatureStore, **kw: Any) -> CommitLease:
 
 def _iso(seconds: float) -> str:
     return dt.datetime.fromtimestamp(seconds, dt.UTC).isoformat(timespec="seconds")
-
-
-def _is_s3(fs: Any) -> bool:
-    try:
-        from s3fs import S3FileSystem
-    except ImportError:
-        return False
-    return isinstance(fs, S3FileSystem)

@@ -41,7 +41,7 @@ import pyarrow.dataset as ds
 import pyarrow.parquet as pq
 from fsspec.implementations.local import LocalFileSystem
 
-from featurestore import tables
+from featurestore import records, tables
 from featurestore.schema import SOURCES_SCHEMA, TRACKS_SCHEMA, segments_schema
 from featurestore.tables import DataFile
 from tasks.columns import summary_columns
@@ -147,7 +147,8 @@ class FeatureStore:
             if not create:
                 raise StoreError(f"no feature store at {url} (run `mtag ingest` first)")
             self.fs.makedirs(self.root, exist_ok=True)
-            self.write_record(marker, {"format": STORE_FORMAT, "created_at": _now()})
+            # another process may be creating this store too: the first marker stays
+            self.create_record(marker, {"format": STORE_FORMAT, "created_at": _now()})
         self.format = int(self.read_record(marker).get("format", 1))
         self._ids_by_file: dict[str, dict[str, tuple[frozenset[str], frozenset[str]]]] = {}
         self._ids: dict[str, tuple[set[str], set[str]]] = {}
@@ -199,7 +200,7 @@ class FeatureStore:
         fs_id = config.feature_set_id
         target = self.path("features", fs_id, "featureset.json")
         if not self.fs.exists(target):
-            self.write_record(target, {
+            self.create_record(target, {  # a racing writer's record differs only in its time
                 "feature_set": fs_id,
                 "config": config.to_dict(),
                 "code_version": CODE_VERSION,
@@ -626,30 +627,37 @@ class FeatureStore:
 
     # --- records --------------------------------------------------------------------------
     def write_record(self, path: str, data: dict[str, Any]) -> None:
-        """Write a JSON record atomically (temporary file, then a move)."""
-        parent = path.rsplit("/", 1)[0]
-        self.fs.makedirs(parent, exist_ok=True)
-        tmp = f"{path}.{uuid.uuid4().hex[:6]}.tmp"
-        with self.fs.open(tmp, "w") as fh:
-            json.dump(data, fh, indent=1, sort_keys=True)
-        self.fs.mv(tmp, path)
+        """Write a JSON record; readers see the old or the new one whole
+        (:func:`featurestore.records.put`).
+        """
+        records.put(self.fs, path, _json(data))
+
+    def create_record(self, path: str, data: dict[str, Any]) -> bool:
+        """Write a JSON record unless one exists; ``True`` if this call wrote it
+        (:func:`featurestore.records.put_if_absent`).
+        """
+        return records.put_if_absent(self.fs, path, _json(data))
 
     def read_record(self, path: str) -> dict[str, Any]:
-        """Read a JSON record.
+        """Read a JSON record in one request (safe while another writer replaces it).
 
         Raises
         ------
         StoreError
             If the file is not a JSON object (damaged), naming the file.
         """
-        with self.fs.open(path, "r") as fh:
-            try:
-                data = json.load(fh)
-            except json.JSONDecodeError as exc:
-                raise StoreError(f"damaged store record {self.uri(path)}: {exc}") from exc
+        raw = records.get(self.fs, path)
+        try:
+            data = json.loads(raw)
+        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+            raise StoreError(f"damaged store record {self.uri(path)}: {exc}") from exc
         if not isinstance(data, dict):
             raise StoreError(f"damaged store record {self.uri(path)}: not a JSON object")
         return data
+
+
+def _json(data: dict[str, Any]) -> bytes:
+    return json.dumps(data, indent=1, sort_keys=True).encode()
 
 
 def _now() -> str:
