@@ -86,6 +86,37 @@ def fork_workers(preload: Sequence[str]) -> None:
         ctx.set_forkserver_preload([_PRELOAD_BEGIN, *middle, _PRELOAD_END])
 
 
+def start_fork_server(preload: Sequence[str]) -> None:
+    """Start the fork server of :func:`fork_workers` now: it imports ``preload`` (2-3
+    CPU-seconds) while this process goes on, and the next local cluster forks its workers
+    from it at once. Call it only once this process's environment is the workers' (the Prefect
+    API's URL exported: what the preload imports reads it then).
+
+    A worker forked from it has the environment the server started with. A cluster that
+    starts the server itself does so while its nanny has set Dask's pre-spawn environment
+    (one BLAS/OpenMP thread per worker, :data:`WORKER_ENV`) in this process; started here, the
+    server gets the same for the time of its start (without it, each worker's OpenBLAS ran a
+    pool of threads spinning on the busy cores: 40 CPU-s per worker instead of 16).
+    """
+    import multiprocessing.forkserver
+
+    import dask
+
+    fork_workers(preload)
+    spawn = dask.config.get("distributed.nanny.pre-spawn-environ", default={}) or {}
+    env = {str(k): str(v) for k, v in dict(spawn).items()} | WORKER_ENV
+    saved = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
+    try:
+        multiprocessing.forkserver.ensure_running()
+    finally:
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+
+
 _PRELOAD_BEGIN, _PRELOAD_END = "flows._preload_begin", "flows._preload_end"
 """First and last of the fork server's imports: no garbage collection in between, then what
 they made is frozen (:mod:`flows.startup`), in the server and in every worker it forks."""

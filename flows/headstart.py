@@ -58,6 +58,9 @@ HEAD_SHARD_AUDIO_S = 30.0
 HEAD_SHARD_TRACKS = 64
 """Most tracks in one head-start shard (short files: their per-track cost counts)."""
 
+INGEST_PRELOAD = ("flows.ingest_worker",)
+"""What the fork server imports for ingest workers (:func:`flows.cluster.fork_workers`)."""
+
 _running: dict[str, HeadStart] = {}
 _lock = threading.Lock()
 
@@ -241,6 +244,23 @@ def _local_submit(fn: Callable[..., Any], *args: Any) -> cf.Future[Any]:
     return future
 
 
+def _boot(*, local_cluster: bool) -> None:
+    """Begin booting the temporary Prefect API and the local workers' fork server.
+
+    Without this they began after the command had imported the flow's stack (Prefect, 1.5 s
+    on a busy core), while one core ran only the command (its imports and the head start
+    share one interpreter). Here only ``prefect.settings`` is imported first: the API's URL
+    must be known and exported before the fork server starts, as the workers read it from
+    the environment the fork server was started with.
+    """
+    from flows.cluster import start_fork_server
+    from flows.prefect_api import boot_in_background
+
+    boot_in_background()
+    if local_cluster:
+        start_fork_server(INGEST_PRELOAD)
+
+
 def run_ingest(source: str, store: str, *, config: FeatureConfig | None = None,
                dask_address: str | None = None, n_workers: int | None = None,
                shard_minutes: float = 60.0, progress: bool = True,
@@ -291,6 +311,8 @@ def run_ingest(source: str, store: str, *, config: FeatureConfig | None = None,
     booting = dask_address is None or not os.environ.get("PREFECT_API_URL")
     head = HeadStart(fstore.url, cfg, look, local=dask_address is None).start() \
         if head_start and booting else None
+    if head is not None:  # work is certain: what the flow needs boots now, on the idle core
+        _boot(local_cluster=dask_address is None)
     # one BLAS thread in this process: the head start's matrix products are small, and on
     # busy cores OpenBLAS's extra threads spin (16 ogg files extracted in one process: 33-35
     # CPU-s in 22-24 s of wall time with its default pool, 23 CPU-s in 23 s with one thread);
@@ -311,7 +333,7 @@ def run_ingest(source: str, store: str, *, config: FeatureConfig | None = None,
                           "accept_removals": accept_removals,
                           "head_start": head.token if head else None},
             dask_address=dask_address, n_workers=n_workers,
-            warm=[(warm_worker, (cfg.to_json(),))], preload=("flows.ingest_worker",),
+            warm=[(warm_worker, (cfg.to_json(),))], preload=INGEST_PRELOAD,
             on_cluster=head.use_cluster if head else None, echo=echo)
     finally:
         if head is not None:

@@ -26,6 +26,7 @@ from flows.cluster import free_port
 log = logging.getLogger("mtag")
 
 _server: Any = None
+_early: PrefectApi | None = None  # booting since boot_in_background(), for prefect_api()
 _started = False
 _lock = threading.Lock()
 
@@ -96,26 +97,38 @@ class _LazyServer:
         self.log_path = ""
 
     def start(self, timeout: int) -> None:
-        import httpx
-        import prefect
-        from prefect.settings import get_current_settings
+        import importlib.util
 
         log.info("starting a temporary Prefect API on %s", self.api_url)
+        # Prefect's settings are imported only where the caller has imported them already
+        # (boot_in_background spawns the server before the command's Prefect import): the
+        # server then reads the same environment and files itself
+        extra: dict[str, str] = {}
+        home = os.path.expanduser(os.environ.get("PREFECT_HOME") or "~/.prefect")
+        if "prefect.settings" in sys.modules:
+            from prefect.settings import get_current_settings
+
+            extra = get_current_settings().to_environment_variables(exclude_unset=True)
+            home = str(get_current_settings().home)
         env = {**os.environ, "PREFECT_UI_ENABLED": "0", "PREFECT__SERVER_EPHEMERAL": "1",
-               "PREFECT__SERVER_FINAL": "1",
-               **get_current_settings().to_environment_variables(exclude_unset=True)}
-        uvicorn = ["--app-dir", str(prefect.__module_path__.parent), "--factory",
+               "PREFECT__SERVER_FINAL": "1", **extra}
+        spec = importlib.util.find_spec("prefect")  # .../site-packages/prefect/__init__.py
+        if spec is None or spec.origin is None:
+            raise RuntimeError("Prefect is not installed")
+        app_dir = os.path.dirname(os.path.dirname(spec.origin))
+        uvicorn = ["--app-dir", app_dir, "--factory",
                    "prefect.server.api.server:create_app", "--host", "127.0.0.1",
                    "--port", str(self.port), "--log-level", "error", "--lifespan", "on"]
         # its output goes to a log of its own, not to the command's: a pipe reading the
         # command (`mtag ingest | tee`) would otherwise stay open while the server shuts down
-        home = get_current_settings().home
         os.makedirs(home, exist_ok=True)
-        self.log_path = os.path.join(str(home), "mtag-temporary-api.log")
+        self.log_path = os.path.join(home, "mtag-temporary-api.log")
         with open(self.log_path, "ab") as out:
             self._process = subprocess.Popen(
                 [sys.executable, "-c", _SERVER, str(os.getpid()), *uvicorn], env=env,
                 stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT)
+        import httpx
+
         deadline = time.monotonic() + timeout
         with httpx.Client(timeout=5.0) as client:
             while True:
@@ -215,6 +228,74 @@ imports Prefect's server without collecting garbage (1.8 of its 4.5 CPU-seconds 
 then runs uvicorn as ``python -m uvicorn`` would."""
 
 
+def _reserve(timeout: int) -> PrefectApi:
+    """The temporary API: its port reserved and its URL (and CA file) exported on first use,
+    so that processes started from here on report to it.
+    """
+    global _server
+    if _early is not None:
+        return _early
+    if _server is None:  # the server module is imported (~3 s) by the thread that boots it
+        _server = _LazyServer(free_port())
+    os.environ["PREFECT_API_URL"] = _server.api_url
+    ca_file = loopback_ca_file()  # plain HTTP on the loopback: whatever SSL_CERT_FILE says
+    if ca_file:
+        os.environ["PREFECT_API_SSL_CERT_FILE"] = ca_file
+    return PrefectApi(_server.api_url, _server, timeout)
+
+
+def boot_in_background(timeout: int = 120) -> bool:
+    """Begin booting the temporary API now, unless an API is configured or one booted; the
+    next :func:`prefect_api` of this process uses it. ``True`` if this call began a boot.
+
+    For a command that knows it will run a flow well before it gets there (the ingest's
+    head start): the server's 4-6 CPU-seconds of start-up then overlap the command's own
+    imports. Its URL is exported at once, before any worker process is started.
+    """
+    global _early
+    if _early is not None or _started:
+        return False
+    configured = _configured_without_settings()
+    if configured is None:  # Prefect's settings say (1.4 s to import on a busy core)
+        from prefect.settings import get_current_settings
+
+        configured = bool(get_current_settings().api.url)
+    if configured:
+        return False
+    api = _reserve(timeout)
+    api.start_in_background()
+    _early = api
+    return True
+
+
+def _configured_without_settings() -> bool | None:
+    """Whether a Prefect API is configured, where that is certain without importing Prefect's
+    settings; ``None`` when only they can tell.
+
+    Prefect 3 reads ``PREFECT_API_URL`` from the environment, the active profile
+    (``profiles.toml`` in ``PREFECT_HOME``, or ``PREFECT_PROFILES_PATH``), and ``.env``,
+    ``prefect.toml`` and ``pyproject.toml``'s ``[tool.prefect]`` in the working folder. Set in
+    the environment: configured. None of those files saying anything of Prefect's: not
+    configured. Otherwise: unsure.
+    """
+    if os.environ.get("PREFECT_API_URL"):
+        return True
+    if any(os.environ.get(k) for k in ("PREFECT_PROFILE", "PREFECT_PROFILES_PATH",
+                                       "PREFECT_TEST_MODE")):
+        return None
+    home = os.path.expanduser(os.environ.get("PREFECT_HOME") or "~/.prefect")
+    if os.path.exists(os.path.join(home, "profiles.toml")) or os.path.exists("prefect.toml"):
+        return None
+    for name, mark in ((".env", "PREFECT_"), ("pyproject.toml", "tool.prefect")):
+        try:
+            with open(name, errors="replace") as fh:
+                if mark in fh.read():
+                    return None
+        except OSError:
+            pass
+    return False
+
+
 @contextlib.contextmanager
 def prefect_api(timeout: int = 120, *, start: bool = True) -> Iterator[PrefectApi]:
     """Yield the API for this process's runs, reserving a temporary local one if none is set.
@@ -222,7 +303,6 @@ def prefect_api(timeout: int = 120, *, start: bool = True) -> Iterator[PrefectAp
     With ``start=False`` the temporary server's port is reserved and exported and the server
     boots in a background thread; :meth:`PrefectApi.start` waits until it answers.
     """
-    global _server
     from prefect.settings import (
         PREFECT_API_SSL_CERT_FILE,
         PREFECT_API_URL,
@@ -235,15 +315,10 @@ def prefect_api(timeout: int = 120, *, start: bool = True) -> Iterator[PrefectAp
         os.environ.setdefault("PREFECT_API_URL", str(configured))
         yield PrefectApi(str(configured), None, timeout)
         return
-    if _server is None:  # the server module is imported (~3 s) by the thread that boots it
-        _server = _LazyServer(free_port())
-    api = PrefectApi(_server.api_url, _server, timeout)
-    os.environ["PREFECT_API_URL"] = api.url
+    api = _reserve(timeout)
     settings: dict[Any, Any] = {PREFECT_API_URL: api.url}
-    ca_file = loopback_ca_file()  # plain HTTP on the loopback: whatever SSL_CERT_FILE says
-    if ca_file:
-        os.environ["PREFECT_API_SSL_CERT_FILE"] = ca_file
-        settings[PREFECT_API_SSL_CERT_FILE] = ca_file
+    if os.environ.get("PREFECT_API_SSL_CERT_FILE"):
+        settings[PREFECT_API_SSL_CERT_FILE] = os.environ["PREFECT_API_SSL_CERT_FILE"]
     with temporary_settings(settings):
         if start:
             api.start()

@@ -4,6 +4,7 @@ runs, and the temporary API's clients get a CA file they can load in a milliseco
 
 from __future__ import annotations
 
+import ast
 import ssl
 import subprocess
 import sys
@@ -135,3 +136,66 @@ def test_scoring_workers_are_forked_with_the_model_stack_imported():
     assert out.returncode == 0, out.stderr[-3000:]
     # the workers hold the stack before their first task; the command never imports torch
     assert out.stdout.strip().splitlines()[-1] == "[True, True, True] False"
+
+
+def test_whether_an_api_is_configured_is_told_without_prefect_only_when_certain(
+        tmp_path, monkeypatch):
+    from flows.prefect_api import _configured_without_settings as configured
+
+    for key in ("PREFECT_API_URL", "PREFECT_PROFILE", "PREFECT_PROFILES_PATH",
+                "PREFECT_TEST_MODE"):
+        monkeypatch.delenv(key, raising=False)
+    home, work = tmp_path / "home", tmp_path / "work"
+    home.mkdir()
+    work.mkdir()
+    monkeypatch.setenv("PREFECT_HOME", str(home))
+    monkeypatch.chdir(work)
+    (work / "pyproject.toml").write_text("[project]\nname = 'x'\n")
+    assert configured() is False  # nothing of Prefect's anywhere: the fast path
+    monkeypatch.setenv("PREFECT_API_URL", "http://127.0.0.1:4200/api")
+    assert configured() is True
+    monkeypatch.delenv("PREFECT_API_URL")
+    # each place Prefect may read a URL from makes it unsure: Prefect's settings decide
+    for name, text in (("pyproject.toml", "[tool.prefect.api]\nurl = 'http://h/api'\n"),
+                       (".env", "PREFECT_API_URL=http://h/api\n"), ("prefect.toml", "")):
+        (work / name).write_text(text)
+        assert configured() is None, name
+        (work / name).unlink()
+    (home / "profiles.toml").write_text('active = "local"\n')
+    assert configured() is None
+    (home / "profiles.toml").unlink()
+    monkeypatch.setenv("PREFECT_PROFILE", "local")
+    assert configured() is None
+
+
+def test_a_fork_server_started_early_gives_workers_the_pre_spawn_environment():
+    """Started before any cluster (as the ingest command does), the fork server still gets
+    Dask's one-thread BLAS setting and the allocator settings, and the cluster's workers are
+    forked from it (a worker with OpenBLAS's default pool burnt 2.5 x the CPU)."""
+    out = run_python("""
+        import os
+        os.environ.pop("OPENBLAS_NUM_THREADS", None)
+        import multiprocessing.forkserver as fsrv
+        from flows.cluster import dask_cluster, start_fork_server
+
+        start_fork_server(("numpy",))
+        server = fsrv._forkserver._forkserver_pid
+        print("parent", os.environ.get("OPENBLAS_NUM_THREADS"))
+
+        def probe():
+            import os
+            from threadpoolctl import threadpool_info
+            blas = [p["num_threads"] for p in threadpool_info() if p["user_api"] == "blas"]
+            return (os.getppid(), os.environ.get("OPENBLAS_NUM_THREADS"),
+                    os.environ.get("MALLOC_MMAP_THRESHOLD_"), blas)
+
+        with dask_cluster(n_workers=1) as cluster:
+            (ppid, blas_env, mmap, blas), = cluster.client.run(probe).values()
+        print("worker", ppid == server, blas_env, mmap, blas)
+    """)
+    assert out.returncode == 0, out.stderr
+    lines = out.stdout.splitlines()
+    assert "parent None" in lines  # this process's own environment is left as it was
+    worker = next(line for line in lines if line.startswith("worker")).split(" ", 4)
+    assert worker[1:4] == ["True", "1", str(64 << 20)], worker
+    assert set(ast.literal_eval(worker[4])) == {1}, worker
