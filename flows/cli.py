@@ -80,6 +80,11 @@ def cmd_score(args: argparse.Namespace) -> int:
     if start.done is not None:
         summary = start.done
     else:
+        from flows.score_preflight import score_preload
+        from flows.startup import boot_early
+
+        # work is certain: the API and the workers' fork server boot while Prefect imports
+        boot_early(score_preload(args.source), local_cluster=args.dask_address is None)
         from flows.score import run_score
 
         summary = run_score(

@@ -46,6 +46,7 @@ from flows.preflight import (
     update_catalogue,
 )
 from flows.records import ProbeRecord, ShardPlan
+from flows.startup import boot_early
 from tasks.config import FeatureConfig
 
 if TYPE_CHECKING:
@@ -244,23 +245,6 @@ def _local_submit(fn: Callable[..., Any], *args: Any) -> cf.Future[Any]:
     return future
 
 
-def _boot(*, local_cluster: bool) -> None:
-    """Begin booting the temporary Prefect API and the local workers' fork server.
-
-    Without this they began after the command had imported the flow's stack (Prefect, 1.5 s
-    on a busy core), while one core ran only the command (its imports and the head start
-    share one interpreter). Here only ``prefect.settings`` is imported first: the API's URL
-    must be known and exported before the fork server starts, as the workers read it from
-    the environment the fork server was started with.
-    """
-    from flows.cluster import start_fork_server
-    from flows.prefect_api import boot_in_background
-
-    boot_in_background()
-    if local_cluster:
-        start_fork_server(INGEST_PRELOAD)
-
-
 def run_ingest(source: str, store: str, *, config: FeatureConfig | None = None,
                dask_address: str | None = None, n_workers: int | None = None,
                shard_minutes: float = 60.0, progress: bool = True,
@@ -312,7 +296,7 @@ def run_ingest(source: str, store: str, *, config: FeatureConfig | None = None,
     head = HeadStart(fstore.url, cfg, look, local=dask_address is None).start() \
         if head_start and booting else None
     if head is not None:  # work is certain: what the flow needs boots now, on the idle core
-        _boot(local_cluster=dask_address is None)
+        boot_early(INGEST_PRELOAD, local_cluster=dask_address is None)
     # one BLAS thread in this process: the head start's matrix products are small, and on
     # busy cores OpenBLAS's extra threads spin (16 ogg files extracted in one process: 33-35
     # CPU-s in 22-24 s of wall time with its default pool, 23 CPU-s in 23 s with one thread);

@@ -28,10 +28,12 @@ from flows.records import ScorePartResult, ScorePlan
 from flows.report import publish, run_id
 from flows.runtime import CommitBuffer, Warmup, commit_as_completed, run_on_cluster
 from flows.score_preflight import (  # noqa: F401  (re-exported)
+    SCORE_PRELOAD,
     ScoreStart,
     ScoreSummary,
     already_scored,
     check_feature_set,
+    score_preload,
     scored_model,
     start_score,
     summary_json,
@@ -42,12 +44,6 @@ from tasks.config import FeatureConfig
 
 MAX_SEGMENTS_PER_PART = 50_000
 """Upper size of one scoring task (about 40 hours of audio at 3 s segments)."""
-
-
-SCORE_PRELOAD = ("flows.score_worker", "training.tracking", "training.artifact")
-"""What a local scoring worker imports before it is forked (torch, MLflow, scikit-learn: about
-3.5 CPU-s): imported once by the fork server instead of once per worker by the warm-up, which
-then only loads the model. The command itself still never imports torch (decision 57)."""
 
 
 @task(name="score-part", retries=2, retry_delay_seconds=2, cache_policy=NO_CACHE,
@@ -197,14 +193,13 @@ def run_score(store: str, model_uri: str, *, source: str | None = None, top_k: i
         return start.done
     uri, model, config = start.tracking_uri, start.model, start.feature_config
     warm: list[Warmup] = [(warm_scorer, (uri, model.uri, device))]
-    preload = list(SCORE_PRELOAD)
     if source is not None:
         warm.append((warm_worker, (FeatureConfig.from_dict(config).to_json(),)))
-        preload.append("flows.ingest_worker")
     result: ScoreSummary = run_on_cluster(
         score_flow, {"store": store, "model_uri": model.uri, "source": source, "top_k": top_k,
                      "progress": progress, "device": device, "tracking_uri": uri,
                      "shard_minutes": shard_minutes},
-        dask_address=dask_address, n_workers=n_workers, warm=warm, preload=preload,
+        dask_address=dask_address, n_workers=n_workers, warm=warm,
+        preload=score_preload(source),
         echo=echo)
     return result

@@ -21,6 +21,18 @@ from flows.preflight import IngestSummary
 from flows.records import ScorePartResult, from_fields
 from tasks.errors import StoreError
 
+SCORE_PRELOAD = ("flows.score_worker", "training.tracking", "training.artifact")
+"""What a local scoring worker imports before it is forked (torch, MLflow, scikit-learn: about
+3.5 CPU-s): imported once by the fork server instead of once per worker by the warm-up, which
+then only loads the model. The command itself still never imports torch (decision 57)."""
+
+
+def score_preload(source: str | None) -> tuple[str, ...]:
+    """What the fork server imports for a score run's workers (those of ``mtag score
+    --source`` extract too).
+    """
+    return (*SCORE_PRELOAD, "flows.ingest_worker") if source is not None else SCORE_PRELOAD
+
 
 @dataclass
 class ScoreSummary:

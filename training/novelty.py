@@ -89,7 +89,13 @@ def nearest_distances(query: np.ndarray, reference: np.ndarray, *,
         if exclude_self:
             rows = np.arange(len(block))
             d2[rows, start + rows] = np.inf
-        out[start:start + len(block)] = np.sqrt(np.maximum(d2.min(axis=1), 0.0))
+        # the expansion picks the nearest row; its distance is taken from the difference
+        # itself: the expansion's cancellation leaves ~1e-7 of a squared norm (4e-4 after
+        # the root) that depends on how many rows one product held, so one track scored
+        # alone and in a batch got different distances to a row equal to it (0 and 4.5e-4)
+        nearest = block - r[d2.argmin(axis=1)]
+        out[start:start + len(block)] = np.sqrt(np.einsum("ij,ij->i", nearest, nearest,
+                                                          dtype=np.float64))
     return out
 
 

@@ -34,6 +34,17 @@ def test_nearest_distances_match_brute_force_and_leave_self_out(rng):
     assert np.isinf(nearest_distances(q[:1], ref[:1], exclude_self=True)).all()
 
 
+def test_a_row_equal_to_a_reference_row_is_at_distance_zero_alone_or_in_a_batch(rng):
+    """Summary statistics have large norms: the product expansion alone left a squared
+    distance of ~1e-7 of them, rooted to ~1e-3, that depended on the batch."""
+    ref = (rng.normal(size=(300, 40)) * 30 + 100).astype(np.float32)
+    q = np.concatenate([ref[:1], rng.normal(size=(63, 40)).astype(np.float32) * 30 + 100])
+    alone, batch = nearest_distances(q[:1], ref), nearest_distances(q, ref)
+    assert alone[0] == 0.0 and batch[0] == 0.0
+    brute = np.sqrt(((q[:, None].astype(np.float64) - ref[None]) ** 2).sum(-1)).min(1)
+    np.testing.assert_allclose(batch, brute, rtol=1e-5)
+
+
 def test_conformal_threshold_is_the_rank_ceil_n_plus_1_times_level():
     loo = np.arange(1, 101, dtype=np.float64)[::-1]  # 100 values, unsorted
     assert conformal_threshold(loo, 0.95) == 96.0  # ceil(101 * 0.95) = 96
