@@ -133,3 +133,24 @@ def moto_endpoint():
     finally:
         os.killpg(proc.pid, signal.SIGTERM)
         proc.wait(30)
+
+
+@pytest.fixture
+def s3_bucket(moto_endpoint, monkeypatch):
+    """``s3://<a fresh bucket>`` on the session's moto server, its credentials in the
+    environment (s3fs's cached filesystems dropped before and after).
+    """
+    import uuid
+
+    import boto3
+    import s3fs
+
+    env = {"AWS_ENDPOINT_URL": moto_endpoint, "AWS_ACCESS_KEY_ID": "key",
+           "AWS_SECRET_ACCESS_KEY": "not-a-real-secret", "AWS_DEFAULT_REGION": "us-east-1"}
+    for key, value in env.items():
+        monkeypatch.setenv(key, value)
+    s3fs.S3FileSystem.clear_instance_cache()  # no filesystem configured for another endpoint
+    bucket = f"test-{uuid.uuid4().hex[:8]}"
+    boto3.client("s3").create_bucket(Bucket=bucket)
+    yield f"s3://{bucket}"
+    s3fs.S3FileSystem.clear_instance_cache()

@@ -235,20 +235,9 @@ def test_filesystem_without_conditional_writes_is_refused():
 
 # --- S3 (moto) ----------------------------------------------------------------------------
 @pytest.fixture
-def s3_store(moto_endpoint, monkeypatch):
-    """A fresh bucket on the moto server and a store in it; credentials in the environment."""
-    import boto3
-    import s3fs
-
-    env = {"AWS_ENDPOINT_URL": moto_endpoint, "AWS_ACCESS_KEY_ID": "key",
-           "AWS_SECRET_ACCESS_KEY": "not-a-real-secret", "AWS_DEFAULT_REGION": "us-east-1"}
-    for key, value in env.items():
-        monkeypatch.setenv(key, value)
-    s3fs.S3FileSystem.clear_instance_cache()  # no filesystem configured for another endpoint
-    bucket = f"lease-{uuid.uuid4().hex[:8]}"
-    boto3.client("s3").create_bucket(Bucket=bucket)
-    yield FeatureStore(f"s3://{bucket}/store", create=True)
-    s3fs.S3FileSystem.clear_instance_cache()
+def s3_store(s3_bucket):
+    """A store in a fresh bucket on the moto server (tests/conftest.py)."""
+    return FeatureStore(f"{s3_bucket}/store", create=True)
 
 
 @pytest.mark.slow

@@ -15,27 +15,10 @@ from featurestore import records
 from featurestore.store import FeatureStore
 
 
-@pytest.fixture
-def s3_root(moto_endpoint, monkeypatch):
-    """A fresh bucket on the moto server; credentials in the environment."""
-    import boto3
-    import s3fs
-
-    env = {"AWS_ENDPOINT_URL": moto_endpoint, "AWS_ACCESS_KEY_ID": "key",
-           "AWS_SECRET_ACCESS_KEY": "not-a-real-secret", "AWS_DEFAULT_REGION": "us-east-1"}
-    for key, value in env.items():
-        monkeypatch.setenv(key, value)
-    s3fs.S3FileSystem.clear_instance_cache()
-    bucket = f"records-{uuid.uuid4().hex[:8]}"
-    boto3.client("s3").create_bucket(Bucket=bucket)
-    yield f"s3://{bucket}"
-    s3fs.S3FileSystem.clear_instance_cache()
-
-
 @pytest.fixture(params=["local", "s3"])
 def root(tmp_path, request):
     """A folder for stores: a local one, and one in a fresh S3 bucket."""
-    return str(tmp_path) if request.param == "local" else request.getfixturevalue("s3_root")
+    return str(tmp_path) if request.param == "local" else request.getfixturevalue("s3_bucket")
 
 
 def _payload(i: int) -> dict:
