@@ -21,9 +21,13 @@ import time
 from collections.abc import Iterator
 from typing import Any
 
+from flows import prefect_db
 from flows.cluster import free_port
 
 log = logging.getLogger("mtag")
+
+_MIGRATE_SETTINGS = ("PREFECT_API_DATABASE_MIGRATE_ON_START",
+                     "PREFECT_SERVER_DATABASE_MIGRATE_ON_START")
 
 _server: Any = None
 _early: PrefectApi | None = None  # booting since boot_in_background(), for prefect_api()
@@ -112,6 +116,12 @@ class _LazyServer:
             home = str(get_current_settings().home)
         env = {**os.environ, "PREFECT_UI_ENABLED": "0", "PREFECT__SERVER_EPHEMERAL": "1",
                "PREFECT__SERVER_FINAL": "1", **extra}
+        # the migration check is skipped where this release left the default database at its
+        # schema (flows/prefect_db.py); a setting of the user's, or another database, decides
+        migrate = not (prefect_db.at_schema(home) and not any(
+            k in env for k in (*prefect_db.URL_SETTINGS, *_MIGRATE_SETTINGS)))
+        if not migrate:
+            env["PREFECT_API_DATABASE_MIGRATE_ON_START"] = "false"
         spec = importlib.util.find_spec("prefect")  # .../site-packages/prefect/__init__.py
         if spec is None or spec.origin is None:
             raise RuntimeError("Prefect is not installed")
@@ -138,6 +148,8 @@ class _LazyServer:
                                        f"its log ends:\n{_tail(self.log_path)}")
                 try:
                     if client.get(f"{self.api_url}/health").status_code == 200:
+                        if migrate:
+                            prefect_db.record(home)
                         return
                 except httpx.TransportError:
                     pass
