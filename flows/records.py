@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass, field
-from typing import Any, TypeVar
+from typing import Any, ClassVar, TypeVar
 
 from featurestore.scores import WrittenPart
 from featurestore.store import ShardCounts, WrittenShard
@@ -44,13 +44,28 @@ class ProbeRecord:
     retry: bool = False  # a transient failure: the next run tries the file again
 
 
+class _TokenById:
+    """A task argument whose Dask token is its id (``_id_field``), which names its content.
+
+    Dask tokenises every argument of a task it is given (to name the task): walking a shard's
+    probe records, field by field, was 6 % of the ingest command's samples in py-spy, 1.7 %
+    with this.
+    """
+
+    _id_field: ClassVar[str]
+
+    def __dask_tokenize__(self) -> tuple[str, str]:
+        return (type(self).__name__, getattr(self, self._id_field))
+
+
 @dataclass(frozen=True)
-class ShardPlan:
+class ShardPlan(_TokenById):
     """The tracks one task processes, sized by audio minutes."""
 
     shard_id: str
     feature_set: str
     tracks: tuple[ProbeRecord, ...]
+    _id_field: ClassVar[str] = "shard_id"
 
     @property
     def audio_s(self) -> float:
@@ -77,20 +92,22 @@ class ShardResult:
 
 
 @dataclass(frozen=True)
-class ShardBatch:
+class ShardBatch(_TokenById):
     """The shards one task run processes: one, unless a run plans more shards than it may
     have task runs (:data:`flows.plan.MAX_TASK_RUNS`).
     """
 
     batch_id: str
     shards: tuple[ShardPlan, ...]
+    _id_field: ClassVar[str] = "batch_id"
 
 
 @dataclass(frozen=True)
-class ScorePlan:
+class ScorePlan(_TokenById):
     """The feature shards one scoring task turns into one part."""
 
     part_id: str
+    _id_field: ClassVar[str] = "part_id"
     shards: tuple[str, ...]
     tensor_files: tuple[str | None, ...]  # per shard, as its tracks rows name it
     n_tracks: int

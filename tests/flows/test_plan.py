@@ -1,5 +1,7 @@
 from __future__ import annotations
 
+import dataclasses
+
 from featurestore.sources import SourceFile
 from flows.plan import batches, dedupe, plan_shards, triage
 from flows.records import ProbeRecord
@@ -99,3 +101,19 @@ def test_score_parts_do_not_overshoot_their_target_by_a_whole_shard():
     tail = [*shards, ShardManifest("s-99", "fs-x", ShardCounts(40, 40, 0, 40, 120.0))]
     assert sorted(p.n_segments for p in plan_parts(tail, set(), model, workers=2)) == \
         [500, 500, 600, 640]
+
+
+def test_plans_are_tokenised_by_their_ids_not_their_records():
+    """Dask names a task by tokenising its arguments: a plan's token is its id."""
+    from dask.base import tokenize
+
+    from flows.records import ScorePlan, ShardBatch
+
+    a = plan_shards([rec(i, 10.0) for i in range(40)], "fs-x", shard_minutes=1, workers=1)[0]
+    same_id = dataclasses.replace(a, tracks=a.tracks[:1])
+    other = dataclasses.replace(a, shard_id="s-other")
+    assert tokenize(a) == tokenize(same_id) != tokenize(other)
+    assert tokenize(ShardBatch("b-1", (a,))) != tokenize(ShardBatch("b-2", (a,)))
+    assert tokenize(ShardBatch("b-1", (a,))) != tokenize(a)  # the class is in the token
+    assert dataclasses.fields(ScorePlan)[0].name == "part_id"  # the id is no field twice
+    assert "_id_field" not in {f.name for f in dataclasses.fields(ScorePlan)}
