@@ -38,8 +38,17 @@ def is_s3(fs: Any) -> bool:
     return isinstance(fs, S3FileSystem)
 
 
-def _tmp(path: str) -> str:
-    return f"{path}.{uuid.uuid4().hex[:8]}.tmp"
+def _finished_tmp(path: str, data: bytes) -> str:
+    """A temporary file beside ``path`` holding ``data`` in full."""
+    tmp = f"{path}.{uuid.uuid4().hex[:8]}.tmp"
+    try:
+        with open(tmp, "wb") as fh:
+            fh.write(data)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+    return tmp
 
 
 def put(fs: Any, path: str, data: bytes) -> None:
@@ -47,10 +56,8 @@ def put(fs: Any, path: str, data: bytes) -> None:
     parent = path.rsplit("/", 1)[0]
     fs.makedirs(parent, exist_ok=True)
     if isinstance(fs, LocalFileSystem):
-        tmp = _tmp(path)
+        tmp = _finished_tmp(path, data)
         try:
-            with open(tmp, "wb") as fh:
-                fh.write(data)
             os.replace(tmp, path)
         finally:
             with contextlib.suppress(FileNotFoundError):
@@ -63,19 +70,16 @@ def put_if_absent(fs: Any, path: str, data: bytes) -> bool:
     """Create ``path`` with ``data`` unless it exists; ``True`` if this call created it."""
     if isinstance(fs, LocalFileSystem):
         fs.makedirs(path.rsplit("/", 1)[0], exist_ok=True)
-        tmp = _tmp(path)
+        tmp = _finished_tmp(path, data)
         try:
-            with open(tmp, "wb") as fh:
-                fh.write(data)
-            try:
-                os.link(tmp, path)
-            except FileExistsError:
-                return False
-            except OSError as exc:  # a filesystem without hard links: create, then write
-                if exc.errno not in (errno.EPERM, errno.ENOTSUP, errno.EOPNOTSUPP):
-                    raise
-                return _create_exclusive(path, data)
+            os.link(tmp, path)
             return True
+        except FileExistsError:
+            return False
+        except OSError as exc:  # a filesystem without hard links: create, then write
+            if exc.errno not in (errno.EPERM, errno.ENOTSUP, errno.EOPNOTSUPP):
+                raise
+            return _create_exclusive(path, data)
         finally:
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(tmp)

@@ -108,7 +108,7 @@ class _LazyServer:
         # (boot_in_background spawns the server before the command's Prefect import): the
         # server then reads the same environment and files itself
         extra: dict[str, str] = {}
-        home = os.path.expanduser(os.environ.get("PREFECT_HOME") or "~/.prefect")
+        home = _prefect_home()
         if "prefect.settings" in sys.modules:
             from prefect.settings import get_current_settings
 
@@ -118,8 +118,8 @@ class _LazyServer:
                "PREFECT__SERVER_FINAL": "1", **extra}
         # the migration check is skipped where this release left the default database at its
         # schema (flows/prefect_db.py); a setting of the user's, or another database, decides
-        migrate = not (prefect_db.at_schema(home) and not any(
-            k in env for k in (*prefect_db.URL_SETTINGS, *_MIGRATE_SETTINGS)))
+        migrate = any(k in env for k in (*prefect_db.URL_SETTINGS, *_MIGRATE_SETTINGS)) \
+            or not prefect_db.at_schema(home)
         if not migrate:
             env["PREFECT_API_DATABASE_MIGRATE_ON_START"] = "false"
         spec = importlib.util.find_spec("prefect")  # .../site-packages/prefect/__init__.py
@@ -280,6 +280,11 @@ def boot_in_background(timeout: int = 120) -> bool:
     return True
 
 
+def _prefect_home() -> str:
+    """``PREFECT_HOME`` as the environment gives it, or Prefect's default."""
+    return os.path.expanduser(os.environ.get("PREFECT_HOME") or "~/.prefect")
+
+
 def _configured_without_settings() -> bool | None:
     """Whether a Prefect API is configured, where that is certain without importing Prefect's
     settings; ``None`` when only they can tell.
@@ -295,8 +300,8 @@ def _configured_without_settings() -> bool | None:
     if any(os.environ.get(k) for k in ("PREFECT_PROFILE", "PREFECT_PROFILES_PATH",
                                        "PREFECT_TEST_MODE")):
         return None
-    home = os.path.expanduser(os.environ.get("PREFECT_HOME") or "~/.prefect")
-    if os.path.exists(os.path.join(home, "profiles.toml")) or os.path.exists("prefect.toml"):
+    if os.path.exists(os.path.join(_prefect_home(), "profiles.toml")) \
+            or os.path.exists("prefect.toml"):
         return None
     for name, mark in ((".env", "PREFECT_"), ("pyproject.toml", "tool.prefect")):
         try:

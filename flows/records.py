@@ -107,11 +107,11 @@ class ScorePlan(_TokenById):
     """The feature shards one scoring task turns into one part."""
 
     part_id: str
-    _id_field: ClassVar[str] = "part_id"
     shards: tuple[str, ...]
     tensor_files: tuple[str | None, ...]  # per shard, as its tracks rows name it
     n_tracks: int
     n_segments: int
+    _id_field: ClassVar[str] = "part_id"
 
 
 @dataclass(frozen=True)
