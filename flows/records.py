@@ -52,6 +52,7 @@ class _TokenById:
     with this.
     """
 
+    __slots__ = ()
     _id_field: ClassVar[str]
 
     def __dask_tokenize__(self) -> tuple[str, str]:
@@ -91,15 +92,41 @@ class ShardResult:
         return self.written.counts
 
 
-@dataclass(frozen=True)
 class ShardBatch(_TokenById):
     """The shards one task run processes: one, unless a run plans more shards than it may
     have task runs (:data:`flows.plan.MAX_TASK_RUNS`).
+
+    Immutable, and deliberately not a dataclass: on every submit Prefect walks each task
+    parameter that is a dataclass, list, tuple or dict down to its leaves (looking for
+    futures to wait on), and a batch holds every probe record of its shards, field by field.
+    An instance of a plain class is one leaf to that walk (see docs/decisions.md, 67).
     """
 
+    __slots__ = ("batch_id", "shards")
+    _id_field: ClassVar[str] = "batch_id"
     batch_id: str
     shards: tuple[ShardPlan, ...]
-    _id_field: ClassVar[str] = "batch_id"
+
+    def __init__(self, batch_id: str, shards: tuple[ShardPlan, ...]) -> None:
+        object.__setattr__(self, "batch_id", batch_id)
+        object.__setattr__(self, "shards", tuple(shards))
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        raise dataclasses.FrozenInstanceError(f"cannot assign to field {name!r}")
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (ShardBatch, (self.batch_id, self.shards))
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, ShardBatch):
+            return NotImplemented
+        return (self.batch_id, self.shards) == (other.batch_id, other.shards)
+
+    def __hash__(self) -> int:
+        return hash((self.batch_id, self.shards))
+
+    def __repr__(self) -> str:
+        return f"ShardBatch(batch_id={self.batch_id!r}, shards=<{len(self.shards)} shards>)"
 
 
 @dataclass(frozen=True)

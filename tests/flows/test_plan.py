@@ -2,6 +2,8 @@ from __future__ import annotations
 
 import dataclasses
 
+import pytest
+
 from featurestore.sources import SourceFile
 from flows.plan import batches, dedupe, plan_shards, triage
 from flows.records import ProbeRecord
@@ -117,3 +119,26 @@ def test_plans_are_tokenised_by_their_ids_not_their_records():
     assert tokenize(ShardBatch("b-1", (a,))) != tokenize(a)  # the class is in the token
     assert dataclasses.fields(ScorePlan)[0].name == "part_id"  # the id is no field twice
     assert "_id_field" not in {f.name for f in dataclasses.fields(ScorePlan)}
+
+
+def test_prefect_takes_a_shard_batch_as_one_leaf_and_it_survives_the_trip():
+    """Prefect walks a task's parameters on every submit; a batch is one value to it, and it
+    pickles, compares and stays immutable as a record should."""
+    import pickle
+
+    from prefect.utilities.collections import visit_collection
+
+    from flows.records import ShardBatch
+
+    plans = plan_shards([rec(i, 10.0) for i in range(40)], "fs-x", shard_minutes=1, workers=1)
+    batch = ShardBatch("b-1", tuple(plans))
+    seen: list[object] = []
+    visit_collection({"batch": batch}, visit_fn=lambda x: seen.append(x) or x,
+                     return_data=False)
+    assert sum(isinstance(x, ShardBatch) for x in seen) == 1
+    assert len(seen) < 10  # the dict, its key and the batch: not 40 records field by field
+    back = pickle.loads(pickle.dumps(batch))
+    assert back == batch and hash(back) == hash(batch) and back.shards[0].tracks
+    assert back != ShardBatch("b-2", tuple(plans))
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        batch.batch_id = "b-3"  # type: ignore[misc]
