@@ -86,6 +86,16 @@ def fork_workers(preload: Sequence[str]) -> None:
         ctx.set_forkserver_preload([_PRELOAD_BEGIN, *middle, _PRELOAD_END])
 
 
+def worker_environ() -> dict[str, str]:
+    """What a local worker's environment gets at its start: Dask's pre-spawn environment
+    (one BLAS/OpenMP thread) with :data:`WORKER_ENV` over it.
+    """
+    import dask
+
+    spawn = dask.config.get("distributed.nanny.pre-spawn-environ", default={}) or {}
+    return {str(k): str(v) for k, v in dict(spawn).items()} | WORKER_ENV
+
+
 def start_fork_server(preload: Sequence[str]) -> None:
     """Start the fork server of :func:`fork_workers` now: it imports ``preload`` (2-3
     CPU-seconds) while this process goes on, and the next local cluster forks its workers
@@ -100,11 +110,8 @@ def start_fork_server(preload: Sequence[str]) -> None:
     """
     import multiprocessing.forkserver
 
-    import dask
-
     fork_workers(preload)
-    spawn = dask.config.get("distributed.nanny.pre-spawn-environ", default={}) or {}
-    env = {str(k): str(v) for k, v in dict(spawn).items()} | WORKER_ENV
+    env = worker_environ()
     saved = {k: os.environ.get(k) for k in env}
     os.environ.update(env)
     try:
@@ -154,8 +161,7 @@ def dask_cluster(address: str | None = None, *, n_workers: int | None = None,
     import dask
 
     fork_workers(preload)
-    environ: dict[str, Any] = {f"distributed.nanny.pre-spawn-environ.{k}": v
-                               for k, v in WORKER_ENV.items()}
+    environ: dict[str, Any] = {"distributed.nanny.pre-spawn-environ": worker_environ()}
     # Prefect's task engine imported before the worker takes tasks: imported by the first task
     # while a warm-up task imports it too, two threads raced on the module lock ("Failed to
     # initialize plugins: deadlock detected")

@@ -199,3 +199,18 @@ def test_a_fork_server_started_early_gives_workers_the_pre_spawn_environment():
     worker = next(line for line in lines if line.startswith("worker")).split(" ", 4)
     assert worker[1:4] == ["True", "1", str(64 << 20)], worker
     assert set(ast.literal_eval(worker[4])) == {1}, worker
+
+
+def test_workers_get_dasks_pre_spawn_environment_with_ours_over_it():
+    """One environment for both ways a local worker starts (a cluster's nanny, the early
+    fork server): Dask's one-thread defaults, a user's own entries, and the allocator
+    thresholds that replace Dask's trim threshold."""
+    import dask
+
+    from flows.cluster import WORKER_ENV, worker_environ
+
+    with dask.config.set({"distributed.nanny.pre-spawn-environ.MTAG_TEST_ENTRY": 7}):
+        env = worker_environ()
+    assert env["OMP_NUM_THREADS"] == "1" and env["MTAG_TEST_ENTRY"] == "7"
+    assert env["MALLOC_TRIM_THRESHOLD_"] == WORKER_ENV["MALLOC_TRIM_THRESHOLD_"] != "65536"
+    assert all(isinstance(v, str) for v in env.values())
