@@ -91,6 +91,7 @@ def worker_environ() -> dict[str, str]:
     (one BLAS/OpenMP thread) with :data:`WORKER_ENV` over it.
     """
     import dask
+    import distributed  # noqa: F401  (its import registers those defaults in dask.config)
 
     spawn = dask.config.get("distributed.nanny.pre-spawn-environ", default={}) or {}
     return {str(k): str(v) for k, v in dict(spawn).items()} | WORKER_ENV
