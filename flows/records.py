@@ -114,16 +114,19 @@ class ShardBatch(_TokenById):
     def __setattr__(self, name: str, value: Any) -> None:
         raise dataclasses.FrozenInstanceError(f"cannot assign to field {name!r}")
 
+    def _values(self) -> tuple[str, tuple[ShardPlan, ...]]:
+        return (self.batch_id, self.shards)
+
     def __reduce__(self) -> tuple[Any, ...]:
-        return (ShardBatch, (self.batch_id, self.shards))
+        return (ShardBatch, self._values())
 
     def __eq__(self, other: object) -> bool:
         if not isinstance(other, ShardBatch):
             return NotImplemented
-        return (self.batch_id, self.shards) == (other.batch_id, other.shards)
+        return self._values() == other._values()
 
     def __hash__(self) -> int:
-        return hash((self.batch_id, self.shards))
+        return hash(self._values())
 
     def __repr__(self) -> str:
         return f"ShardBatch(batch_id={self.batch_id!r}, shards=<{len(self.shards)} shards>)"
