@@ -84,7 +84,8 @@ def cmd_score(args: argparse.Namespace) -> int:
         from flows.startup import boot_early
 
         # work is certain: the API and the workers' fork server boot while Prefect imports
-        boot_early(score_preload(args.source), local_cluster=args.dask_address is None)
+        boot_early(score_preload(args.source, start.model.input),
+                   local_cluster=args.dask_address is None)
         from flows.score import run_score
 
         summary = run_score(

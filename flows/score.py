@@ -49,9 +49,10 @@ MAX_SEGMENTS_PER_PART = 50_000
 @task(name="score-part", retries=2, retry_delay_seconds=2, cache_policy=NO_CACHE,
       task_run_name="score-{plan.part_id}")
 def score_task(store_url: str, tracking_uri: str, model_json: dict[str, Any], plan: ScorePlan,
-               top: int, device: str | None) -> ScorePartResult:
+               top: int, device: str | None, model_dir: str | None = None) -> ScorePartResult:
     """Score the feature shards of one part into staging."""
-    return score_part(store_url, tracking_uri, model_json, plan, top=top, device=device)
+    return score_part(store_url, tracking_uri, model_json, plan, top=top, device=device,
+                      model_dir=model_dir)
 
 
 def plan_parts(manifests: list[ShardManifest], done: set[str], model: ScoredModel, *,
@@ -92,14 +93,23 @@ def plan_parts(manifests: list[ShardManifest], done: set[str], model: ScoredMode
 @flow(name="score", validate_parameters=False)
 def score_flow(store: str, model_uri: str, source: str | None = None, top_k: int = 5,
                workers: int = 1, progress: bool = True, device: str | None = None,
-               tracking_uri: str | None = None, shard_minutes: float = 60.0
-               ) -> ScoreSummary:
-    """Score the store (after ingesting ``source``, if given) with ``model_uri``."""
+               tracking_uri: str | None = None, shard_minutes: float = 60.0,
+               resolved: dict[str, Any] | None = None) -> ScoreSummary:
+    """Score the store (after ingesting ``source``, if given) with ``model_uri``.
+
+    ``resolved`` is what :meth:`flows.score_preflight.ScoreStart.resolved_for_flow` gives
+    for ``model_uri`` (an exact version): the model is then neither resolved nor downloaded
+    again, and the workers load it from its ``model_dir`` where that folder exists.
+    """
     logger = get_run_logger()
     started = time.perf_counter()
     fstore = FeatureStore(store, create=source is not None)
     uri = tracking_uri_for(fstore, tracking_uri)
-    model, feature_config = scored_model(model_uri, uri)
+    if resolved is not None:
+        model = ScoredModel.from_dict(resolved["model"])
+        feature_config, model_dir = resolved["feature_config"], resolved.get("model_dir")
+    else:
+        (model, feature_config), model_dir = scored_model(model_uri, uri), None
     logger.info("flow run %s: model %s resolves to %s v%s (run %s, feature set %s)", run_id(),
                 model_uri, model.name, model.version, model.run_id, model.feature_set)
     ingest = None
@@ -122,7 +132,8 @@ def score_flow(store: str, model_uri: str, source: str | None = None, top_k: int
     summary.already_scored = sum(m.counts.n_ok for m in manifests if m.shard_id in done)
     plans = plan_parts(manifests, done, model, workers=workers)
     if plans:
-        _score(fstore, scores, uri, model, plans, summary, top_k, device, progress)
+        _score(fstore, scores, uri, model, plans, summary, top_k, device, progress,
+               model_dir)
     summary.wall_s = time.perf_counter() - started
     logger.info(summary.render())
     publish("score-summary", f"score with {model.name} v{model.version}", {
@@ -138,9 +149,9 @@ def score_flow(store: str, model_uri: str, source: str | None = None, top_k: int
 
 def _score(fstore: FeatureStore, scores: ScoreStore, tracking_uri: str, model: ScoredModel,
            plans: list[ScorePlan], summary: ScoreSummary, top_k: int, device: str | None,
-           progress: bool) -> None:
+           progress: bool, model_dir: str | None = None) -> None:
     futures = score_task.map(fstore.url, tracking_uri, unmapped(model.to_dict()), plans, top_k,
-                             device)
+                             device, model_dir)
 
     def commit_group(results: list[ScorePartResult]) -> None:
         kept = set(scores.commit_parts(model, [r.written for r in results], run=run_id()))
@@ -192,14 +203,18 @@ def run_score(store: str, model_uri: str, *, source: str | None = None, top_k: i
     if start.done is not None:  # nothing to score: no cluster, no Prefect API, no flow run
         return start.done
     uri, model, config = start.tracking_uri, start.model, start.feature_config
-    warm: list[Warmup] = [(warm_scorer, (uri, model.uri, device))]
-    if source is not None:
-        warm.append((warm_worker, (FeatureConfig.from_dict(config).to_json(),)))
-    result: ScoreSummary = run_on_cluster(
-        score_flow, {"store": store, "model_uri": model.uri, "source": source, "top_k": top_k,
-                     "progress": progress, "device": device, "tracking_uri": uri,
-                     "shard_minutes": shard_minutes},
-        dask_address=dask_address, n_workers=n_workers, warm=warm,
-        preload=score_preload(source),
-        echo=echo)
+    try:
+        warm: list[Warmup] = [(warm_scorer, (uri, model.uri, device, start.model_dir))]
+        if source is not None:
+            warm.append((warm_worker, (FeatureConfig.from_dict(config).to_json(),)))
+        result: ScoreSummary = run_on_cluster(
+            score_flow, {"store": store, "model_uri": model.uri, "source": source,
+                         "top_k": top_k, "progress": progress, "device": device,
+                         "tracking_uri": uri, "shard_minutes": shard_minutes,
+                         "resolved": start.resolved_for_flow()},
+            dask_address=dask_address, n_workers=n_workers, warm=warm,
+            preload=score_preload(source, model.input),
+            echo=echo)
+    finally:
+        start.release()
     return result

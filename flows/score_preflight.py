@@ -21,17 +21,24 @@ from flows.preflight import IngestSummary
 from flows.records import ScorePartResult, from_fields
 from tasks.errors import StoreError
 
-SCORE_PRELOAD = ("flows.score_worker", "training.tracking", "training.artifact")
-"""What a local scoring worker imports before it is forked (torch, MLflow, scikit-learn: about
-3.5 CPU-s): imported once by the fork server instead of once per worker by the warm-up, which
-then only loads the model. The command itself still never imports torch (decision 57)."""
+SCORE_PRELOAD = ("flows.score_worker", "training.artifact")
+"""What a local scoring worker imports before it is forked (torch: about 2 CPU-s): imported
+once by the fork server instead of once per worker by the warm-up, which then only loads the
+model. Not MLflow: local workers load the model from the folder the command downloaded
+(:attr:`ScoreStart.model_dir`). The command itself still never imports torch (decision 57)."""
+CLASSIC_PRELOAD = ("sklearn.pipeline", "sklearn.preprocessing", "sklearn.linear_model",
+                   "sklearn.ensemble", "sklearn.multiclass")
+"""Added for a model with scikit-learn parts (input ``summary`` or ``mixed``): what
+unpickling its estimators imports."""
 
 
-def score_preload(source: str | None) -> tuple[str, ...]:
+def score_preload(source: str | None, model_input: str | None = None) -> tuple[str, ...]:
     """What the fork server imports for a score run's workers (those of ``mtag score
-    --source`` extract too).
+    --source`` extract too); ``model_input`` is the model's input kind (None: not known, so
+    scikit-learn too).
     """
-    return (*SCORE_PRELOAD, "flows.ingest_worker") if source is not None else SCORE_PRELOAD
+    classic = CLASSIC_PRELOAD if model_input in (None, "summary", "mixed") else ()
+    return (*SCORE_PRELOAD, *classic, *(("flows.ingest_worker",) if source is not None else ()))
 
 
 @dataclass
@@ -130,19 +137,35 @@ def scored_model(model_uri: str, tracking_uri: str) -> tuple[ScoredModel, dict[s
     the workers' job, :func:`flows.score_worker.load_predictor`).
     """
     from training import tracking
+
+    model, config, directory = resolve_model(model_uri, tracking_uri)
+    tracking.remove_artifact_dir(directory)
+    return model, config
+
+
+def resolve_model(model_uri: str, tracking_uri: str
+                  ) -> tuple[ScoredModel, dict[str, Any], str]:
+    """:func:`scored_model`, keeping the model's downloaded artifact folder: its local path
+    comes third (the caller removes it, :func:`training.tracking.remove_artifact_dir`).
+    """
+    from training import tracking
     from training.meta import embed_dim, read_meta
 
     tracking.use(tracking_uri)
     ref = tracking.resolve(model_uri)
     directory = tracking.load_artifact_dir(f"models:/{ref['name']}/{ref['version']}")
-    meta = read_meta(directory)
-    model = ScoredModel(
-        name=ref["name"], version=ref["version"], run_id=ref["run_id"],
-        feature_set=meta["feature_set"], classes=list(meta["classes"]),
-        multi_label=bool(meta["multi_label"]), threshold=float(meta.get("threshold", 0.0)),
-        embed_dim=embed_dim(directory, meta), input=str(meta["input"]),
-        architecture=meta["model"])
-    return model, dict(meta["feature_config"])
+    try:
+        meta = read_meta(directory)
+        model = ScoredModel(
+            name=ref["name"], version=ref["version"], run_id=ref["run_id"],
+            feature_set=meta["feature_set"], classes=list(meta["classes"]),
+            multi_label=bool(meta["multi_label"]),
+            threshold=float(meta.get("threshold", 0.0)), embed_dim=embed_dim(directory, meta),
+            input=str(meta["input"]), architecture=meta["model"])
+    except BaseException:
+        tracking.remove_artifact_dir(directory)
+        raise
+    return model, dict(meta["feature_config"]), directory
 
 
 def check_feature_set(fstore: FeatureStore, model: ScoredModel, config: dict[str, Any]) -> None:
@@ -193,6 +216,23 @@ class ScoreStart:
     model: ScoredModel
     feature_config: dict[str, Any]
     done: ScoreSummary | None = None
+    model_dir: str | None = None
+    """The model's artifact folder as the command downloaded it (while there is work): local
+    workers load it from there instead of asking MLflow again (:func:`resolved_for_flow`)."""
+
+    def resolved_for_flow(self) -> dict[str, Any]:
+        """What :func:`flows.score.score_flow` takes as ``resolved``: the model, its feature
+        config and folder, so the flow neither resolves nor downloads the model again.
+        """
+        return {"model": self.model.to_dict(), "feature_config": self.feature_config,
+                "model_dir": self.model_dir}
+
+    def release(self) -> None:
+        """Remove :attr:`model_dir` (after the run)."""
+        if self.model_dir:
+            from training import tracking
+
+            tracking.remove_artifact_dir(self.model_dir)
 
 
 def start_score(store: str, model_uri: str, *, source: str | None = None,
@@ -200,11 +240,20 @@ def start_score(store: str, model_uri: str, *, source: str | None = None,
     """Resolve the model and, without ``source`` (nothing to ingest first), find out whether
     there is anything to score (:func:`already_scored`).
     """
+    from training import tracking
+
     fstore = FeatureStore(store, create=source is not None)
     uri = tracking_uri_for(fstore, tracking_uri)
-    model, config = scored_model(model_uri, uri)
-    done = already_scored(fstore, model, config) if source is None else None
-    return ScoreStart(fstore, uri, model, config, done)
+    model, config, directory = resolve_model(model_uri, uri)
+    try:
+        done = already_scored(fstore, model, config) if source is None else None
+    except BaseException:
+        tracking.remove_artifact_dir(directory)
+        raise
+    if done is not None:
+        tracking.remove_artifact_dir(directory)
+        return ScoreStart(fstore, uri, model, config, done)
+    return ScoreStart(fstore, uri, model, config, None, directory)
 
 
 def summary_json(summary: ScoreSummary) -> str:

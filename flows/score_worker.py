@@ -32,25 +32,44 @@ GPU_BATCH = 2048
 
 
 @functools.lru_cache(maxsize=2)
-def load_predictor(tracking_uri: str, model_uri: str, device: str | None = None) -> Any:
-    """The model behind ``model_uri``, downloaded and loaded once per process."""
-    from training import tracking
+def load_predictor(tracking_uri: str, model_uri: str, device: str | None = None,
+                   model_dir: str | None = None) -> Any:
+    """The model behind ``model_uri``, loaded once per process.
+
+    From ``model_dir`` where this machine has that folder (the download of the command that
+    started the run: a local worker), else downloaded from MLflow into a temporary folder that
+    is removed once the model is in memory. Loading through MLflow cost a worker 0.9 CPU-s
+    (its client and SQLite store), 12 % of a worker's samples in a whole `mtag score` of
+    philharmonia-dev, and left a copy of the model in the temporary folder for every worker
+    of every run.
+    """
     from training.artifact import load
+    from training.meta import META
+
+    if model_dir and os.path.isfile(os.path.join(model_dir, META)):
+        return load(model_dir, device=device)
+    from training import tracking
 
     tracking.use(tracking_uri)
-    return load(tracking.load_artifact_dir(model_uri), device=device)
+    directory = tracking.load_artifact_dir(model_uri)
+    try:
+        return load(directory, device=device)
+    finally:
+        tracking.remove_artifact_dir(directory)
 
 
-def warm_scorer(tracking_uri: str, model_uri: str, device: str | None = None) -> str:
+def warm_scorer(tracking_uri: str, model_uri: str, device: str | None = None,
+                model_dir: str | None = None) -> str:
     """Load the model in this worker before the first task needs it."""
     import prefect.task_engine  # noqa: F401  (the task engine's own imports)
 
-    load_predictor(tracking_uri, model_uri, device)
+    load_predictor(tracking_uri, model_uri, device, model_dir)
     return f"{socket.gethostname()}:{os.getpid()}"
 
 
 def score_part(store_url: str, tracking_uri: str, model_json: dict[str, Any], plan: ScorePlan,
-               *, top: int = 5, device: str | None = None) -> ScorePartResult:
+               *, top: int = 5, device: str | None = None, model_dir: str | None = None
+               ) -> ScorePartResult:
     """Score every segment of the feature shards in ``plan`` into an uncommitted part.
 
     Returns
@@ -60,7 +79,7 @@ def score_part(store_url: str, tracking_uri: str, model_json: dict[str, Any], pl
     """
     started = time.perf_counter()
     model = ScoredModel.from_dict(model_json)
-    predictor = load_predictor(tracking_uri, model.uri, device)
+    predictor = load_predictor(tracking_uri, model.uri, device, model_dir)
     store = FeatureStore(store_url)
     labels: collections.Counter[str] = collections.Counter()
     unsure = 0

@@ -11,15 +11,16 @@ over a hundred rows); ``{"pooling": "track"}`` or ``{"pooling": "segment"}`` cho
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
-from sklearn.ensemble import HistGradientBoostingClassifier
-from sklearn.linear_model import LogisticRegression
-from sklearn.multiclass import OneVsRestClassifier
-from sklearn.pipeline import Pipeline
-from sklearn.preprocessing import StandardScaler
-from threadpoolctl import threadpool_limits
+
+if TYPE_CHECKING:
+    from sklearn.pipeline import Pipeline
+
+# scikit-learn is imported where a model is built or fitted, not with this module: a scoring
+# worker of a network imports training.artifact (and so this module) and never needs it
+# (scikit-learn and the scipy.stats it pulls in were 1.3 CPU-s of the fork server's boot)
 
 CLASSIC_MODELS = ("linear", "gbm")
 POOL_STATS = ("mean", "std", "p10", "p50", "p90", "delta")
@@ -81,6 +82,12 @@ def build_classic(name: str, *, multi_label: bool, seed: int = 0,
     """A scaler + classifier pipeline (one-vs-rest for multi-label); ``balance`` weights
     classes by inverse frequency.
     """
+    from sklearn.ensemble import HistGradientBoostingClassifier
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.multiclass import OneVsRestClassifier
+    from sklearn.pipeline import Pipeline
+    from sklearn.preprocessing import StandardScaler
+
     params = params or {}
     weight = "balanced" if balance else None
     if name == "linear":
@@ -104,6 +111,10 @@ def build_classic(name: str, *, multi_label: bool, seed: int = 0,
 def fit_classic(model: Pipeline, x: np.ndarray, targets: np.ndarray, *,
                 multi_label: bool) -> Pipeline:
     """Fit on ``x`` ``(n, d)`` and multi-hot ``targets`` ``(n, n_classes)``."""
+    from sklearn.ensemble import HistGradientBoostingClassifier
+    from sklearn.multiclass import OneVsRestClassifier
+    from threadpoolctl import threadpool_limits
+
     y = targets.astype(int) if multi_label else targets.argmax(1)
     clf = model.named_steps["clf"]
     base = clf.estimator if isinstance(clf, OneVsRestClassifier) else clf

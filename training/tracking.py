@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import tempfile
 import warnings
 from collections.abc import Iterator
@@ -239,11 +240,26 @@ def set_alias(name: str, alias: str, version: str) -> None:
     MlflowClient().set_registered_model_alias(name, alias, version)
 
 
+_DOWNLOAD_PREFIX = "mtag-model-"
+
+
 def load_artifact_dir(model_uri: str) -> str:
-    """Download a registered model's tagger artifact folder; return the local path."""
-    local = mlflow.artifacts.download_artifacts(artifact_uri=model_uri,
-                                                dst_path=tempfile.mkdtemp(prefix="mtag-model-"))
+    """Download a registered model's tagger artifact folder into a new temporary folder;
+    return the local path (:func:`remove_artifact_dir` removes the download).
+    """
+    local = mlflow.artifacts.download_artifacts(
+        artifact_uri=model_uri, dst_path=tempfile.mkdtemp(prefix=_DOWNLOAD_PREFIX))
     return os.path.join(local, "artifacts", "artifact")
+
+
+def remove_artifact_dir(directory: str) -> None:
+    """Remove the temporary download behind a :func:`load_artifact_dir` path (nothing for a
+    folder that is not one).
+    """
+    root = os.path.dirname(os.path.dirname(os.path.abspath(directory)))
+    if os.path.basename(root).startswith(_DOWNLOAD_PREFIX) and \
+            os.path.dirname(root) == os.path.abspath(tempfile.gettempdir()):
+        shutil.rmtree(root, ignore_errors=True)
 
 
 def load_pyfunc(model_uri: str) -> Any:

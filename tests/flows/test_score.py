@@ -130,6 +130,39 @@ def test_rescoring_is_a_no_op_and_crash_leftovers_are_removed(scored, dask_addre
     assert _query(store, "SELECT count(*) AS n FROM scores")["n"][0] == 48
 
 
+def _downloads():
+    import tempfile
+
+    return {d for d in os.listdir(tempfile.gettempdir()) if d.startswith("mtag-model-")}
+
+
+def test_workers_load_the_commands_download_and_no_download_is_left(scored):
+    from flows.score_preflight import resolve_model, start_score, tracking_uri_for
+    from flows.score_worker import load_predictor
+
+    store, _, _ = scored
+    before = _downloads()
+    start = start_score(store, f"models:/{NAME}@champion")  # nothing left to score
+    assert start.done is not None and start.model_dir is None
+    assert _downloads() == before
+    uri = tracking_uri_for(FeatureStore(store))
+    model, _, directory = resolve_model(f"models:/{NAME}@champion", uri)
+    try:
+        assert _downloads() != before and os.path.isfile(os.path.join(directory, "meta.json"))
+        # from the folder: MLflow is never asked (this tracking URI names no database)
+        local = load_predictor("sqlite:////nonexistent/mlflow.db", model.uri, "cpu", directory)
+        # without one: downloaded, loaded, and the download removed
+        fetched = load_predictor(uri, model.uri, "cpu")
+        assert local.meta == fetched.meta and local.meta["feature_set"] == model.feature_set
+        a, b = local.torch_model.state_dict(), fetched.torch_model.state_dict()
+        assert a.keys() == b.keys() and all(bool((a[k] == b[k]).all()) for k in a)
+    finally:
+        from training import tracking
+
+        tracking.remove_artifact_dir(directory)
+    assert _downloads() == before
+
+
 def test_new_version_writes_beside_the_old(scored, dask_address):
     from flows.score import run_score
     from flows.train import train_flow

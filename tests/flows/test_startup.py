@@ -124,18 +124,37 @@ def test_scoring_workers_are_forked_with_the_model_stack_imported():
     out = run_python("""
         import sys
         from flows.cluster import dask_cluster
-        from flows.score import SCORE_PRELOAD
+        from flows.score import score_preload
 
         def imported():
-            return [m in sys.modules for m in ("torch", "mlflow", "training.artifact")]
+            return [m in sys.modules for m in ("torch", "training.artifact", "mlflow",
+                                               "sklearn")]
 
-        with dask_cluster(None, n_workers=1, preload=SCORE_PRELOAD) as cluster:
+        with dask_cluster(None, n_workers=1, preload=score_preload(None, "log_mel")) as cluster:
             [got] = cluster.client.run(imported).values()
         print(got, "torch" in sys.modules)
     """)
     assert out.returncode == 0, out.stderr[-3000:]
-    # the workers hold the stack before their first task; the command never imports torch
-    assert out.stdout.strip().splitlines()[-1] == "[True, True, True] False"
+    # the workers hold the stack before their first task, not MLflow (the model comes from
+    # the command's download) nor scikit-learn (a network); the command never imports torch
+    assert out.stdout.strip().splitlines()[-1] == "[True, True, False, False] False"
+
+
+def test_a_model_with_scikit_learn_parts_gets_it_preloaded():
+    from flows.score import score_preload
+
+    for kind in ("summary", "mixed", None):
+        assert "sklearn.pipeline" in score_preload(None, kind)
+    assert not any(m.startswith("sklearn") for m in score_preload(None, "mfcc"))
+    assert score_preload("src", "mfcc")[-1] == "flows.ingest_worker"
+    # importing what loads a model does not import scikit-learn
+    out = run_python("""
+        import sys
+        import training.artifact, flows.score_worker
+        print("sklearn" in sys.modules, "mlflow" in sys.modules)
+    """)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert out.stdout.strip().splitlines()[-1] == "False False"
 
 
 def test_whether_an_api_is_configured_is_told_without_prefect_only_when_certain(
