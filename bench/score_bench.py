@@ -8,11 +8,15 @@
    has ``--name`` (default ``bench-score``) with a champion, trains ``--model`` (default
    ``mfcc_cnn``, class-balanced, 30 epochs) with ``train_flow`` (split 70/10/20, seeded) and
    registers it.
-2. **Scoring from stored features**: ``run_score`` on the store with W workers, ``--repeats``
-   times (the model's scores are deleted before each run, so each run does the full work);
-   tracks/s, per worker, and the sum of task compute. Baseline in the same run: the same
-   model on the same tensors in this process, one thread, no orchestration and no writing
-   (``Predictor.predict`` over each shard's memory-mapped tensors), i.e. the scoring floor.
+2. **Scoring from stored features, as a user runs it**: ``mtag score`` (``python -m
+   flows.cli score --json``) on the store with W workers, ``--repeats`` times, each a process
+   of its own timed from its start to its exit (the model's scores are deleted before each
+   run, so each run does the full work); tracks/s per worker by the flow's own wall and by
+   the whole command's. Then the same through ``run_score`` in this process (what a Python
+   caller or the scheduled flow runs). Baseline in the same run, before and after the
+   command runs: the same model on the same tensors in this process, one thread, no
+   orchestration and no writing (``Predictor.predict`` over each shard's memory-mapped
+   tensors), i.e. the scoring floor; the ratios are to the median of those floors.
 3. **Scoring from raw audio**: ``run_score SOURCE`` into a fresh store (ingest with the
    model's feature config, then score) on ``--raw-limit`` files (default all); tracks/s and
    audio x realtime per worker, end to end.
@@ -30,8 +34,10 @@ import sys
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import argparse
+import json
 import shutil
 import statistics
+import subprocess
 import tempfile
 import time
 from typing import Any
@@ -103,16 +109,41 @@ def inprocess_floor(store: str, uri: str) -> dict[str, Any]:
             "tracks_per_s": n_tracks / wall, "segments_per_s": n_seg / wall}
 
 
-def score_stored(store: str, uri: str, workers: int) -> dict[str, Any]:
-    """One full scoring run of the store (the version's earlier scores are removed first)."""
+def clear_scores(store: str, uri: str) -> None:
+    """Remove the scores of the version ``uri`` names, so that a run does the full work."""
     from featurestore.scores import ScoreStore
     from featurestore.store import FeatureStore
-    from flows.score import run_score, scored_model, tracking_uri_for
+    from flows.score import scored_model, tracking_uri_for
 
     fstore = FeatureStore(store)
     model, _ = scored_model(uri, tracking_uri_for(fstore))
-    root = ScoreStore(fstore).model_root(model.name, model.version)
-    shutil.rmtree(root, ignore_errors=True)
+    shutil.rmtree(ScoreStore(fstore).model_root(model.name, model.version), ignore_errors=True)
+
+
+def score_command(store: str, uri: str, workers: int) -> dict[str, Any]:
+    """One full ``mtag score`` of the store as a process of its own, timed from outside."""
+    clear_scores(store, uri)
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    cmd = [sys.executable, "-m", "flows.cli", "score", "--store", store, "--model-uri", uri,
+           "--workers", str(workers), "--no-progress", "--json"]
+    t0 = time.perf_counter()
+    out = subprocess.run(cmd, cwd=root, capture_output=True, text=True, check=False)
+    whole = time.perf_counter() - t0
+    if out.returncode != 0:
+        raise RuntimeError(f"mtag score failed ({out.returncode}): {out.stderr[-2000:]}")
+    s = json.loads(out.stdout[out.stdout.index("\n{") + 1:])
+    per = max(1, s["workers"])
+    return {"tracks": s["tracks"], "segments": s["segments"], "parts": s["parts"],
+            "wall_s": s["wall_s"], "command_wall_s": whole, "compute_s": s["compute_s"],
+            "workers": s["workers"], "tracks_per_s_per_worker": s["tracks"] / s["wall_s"] / per,
+            "command_tracks_per_s_per_worker": s["tracks"] / whole / per}
+
+
+def score_stored(store: str, uri: str, workers: int) -> dict[str, Any]:
+    """One full scoring run of the store in this process (``run_score``)."""
+    from flows.score import run_score
+
+    clear_scores(store, uri)
     t0 = time.perf_counter()
     s = run_score(store, uri, n_workers=workers, progress=False)
     return {"tracks": s.tracks, "segments": s.segments, "parts": s.parts, "wall_s": s.wall_s,
@@ -198,25 +229,42 @@ def main() -> None:
     res["training"] = ensure_model(args.store, args.labels, args.source, args.name,
                                    args.model, args.epochs)
     uri = f"models:/{args.name}@champion"
+    floors = [inprocess_floor(args.store, uri)]
+    commands = [score_command(args.store, uri, args.workers) for _ in range(args.repeats)]
+    floors.append(inprocess_floor(args.store, uri))
     runs = [score_stored(args.store, uri, args.workers) for _ in range(args.repeats)]
-    res["stored"] = runs
-    res["floor"] = inprocess_floor(args.store, uri)
+    floors.append(inprocess_floor(args.store, uri))
+    res["command"], res["stored"], res["floors"] = commands, runs, floors
+    res["floor"] = min(floors, key=lambda f: abs(
+        f["tracks_per_s"] - statistics.median(g["tracks_per_s"] for g in floors)))
     if not args.skip_raw:
         res["raw"] = score_raw(args.source, args.store, uri, args.workers, args.raw_limit)
     res["quality"] = quality(args.store, args.labels, args.workers)
 
     med = statistics.median(r["tracks_per_s_per_worker"] for r in runs)
+    f = res["floor"]
     print(f"\n== score bench: {args.source}; model {uri}; W={args.workers}; "
           f"load at start {res['machine']['loadavg_start'][0]:.2f}")
+    for i, r in enumerate(commands, 1):
+        print(f"  mtag score, run {i}: {r['tracks']} tracks in {r['wall_s']:.1f} s flow wall, "
+              f"{r['command_wall_s']:.1f} s whole command: {r['tracks_per_s_per_worker']:.1f} "
+              f"tracks/s per worker by the flow, {r['command_tracks_per_s_per_worker']:.1f} by "
+              f"the command; task compute {r['compute_s']:.1f} s")
+    for key, what in (("tracks_per_s_per_worker", "flow wall"),
+                      ("command_tracks_per_s_per_worker", "whole command")):
+        ratios = sorted(r[key] / f["tracks_per_s"] for r in commands)
+        print(f"  mtag score, per worker by {what} / floor: median "
+              f"{statistics.median(ratios):.2f} ({ratios[0]:.2f}-{ratios[-1]:.2f})")
     for i, r in enumerate(runs, 1):
         print(f"  stored features, run {i}: {r['tracks']} tracks, {r['segments']} segments "
               f"in {r['wall_s']:.1f} s flow wall ({r['outer_wall_s']:.1f} s with cluster): "
               f"{r['tracks_per_s']:.1f} tracks/s = {r['tracks_per_s_per_worker']:.1f} per "
               f"worker; task compute {r['compute_s']:.1f} s")
-    f = res["floor"]
+    each = ", ".join(f"{g['tracks_per_s']:.0f}" for g in floors)
     print(f"  in-process floor (1 thread, model only): {f['tracks_per_s']:.1f} tracks/s, "
-          f"{f['segments_per_s']:.0f} segments/s")
-    print(f"  stored, median per worker / floor: {med / f['tracks_per_s']:.2f}")
+          f"{f['segments_per_s']:.0f} segments/s (the median of {each})")
+    print(f"  run_score in this process, median per worker / floor: "
+          f"{med / f['tracks_per_s']:.2f}")
     if "raw" in res:
         r = res["raw"]
         print(f"  raw audio (ingest + score), {r['tracks']} tracks: {r['wall_s']:.1f} s "
