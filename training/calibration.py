@@ -17,7 +17,6 @@ from __future__ import annotations
 from typing import Any
 
 import numpy as np
-from scipy.optimize import minimize_scalar
 
 from tasks.predictions import aggregate_tracks
 
@@ -87,6 +86,8 @@ def fit_temperature(track_ids: np.ndarray, scores: np.ndarray, targets_of: Any, 
     float
         In :data:`T_BOUNDS`; 1.0 without held-out rows.
     """
+    from scipy.optimize import minimize_scalar  # 0.22 s to import: fitting only, not scoring
+
     if len(track_ids) == 0:
         return 1.0
     ids = aggregate_tracks(track_ids, np.zeros((len(track_ids), 1), np.float32)).track_ids
