@@ -100,3 +100,25 @@ def test_put_if_absent_without_conditional_writes_looks_first():
     assert records.put_if_absent(fs, path, b"1")
     assert not records.put_if_absent(fs, path, b"2")
     assert records.get(fs, path) == b"1"
+
+
+def test_s3_is_told_without_importing_s3fs_for_a_local_store(root, tmp_path):
+    import subprocess
+    import sys
+    import textwrap
+
+    store = FeatureStore(f"{root}/store", create=True)
+    assert records.is_s3(store.fs) == root.startswith("s3://")
+    # a local store's commit lease and records never import s3fs (and botocore with it)
+    code = textwrap.dedent(f"""
+        import sys
+        from featurestore.store import FeatureStore
+        store = FeatureStore({str(tmp_path / "local")!r}, create=True)
+        with store.commit_lease():
+            pass
+        print("s3fs" in sys.modules)
+    """)
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         timeout=120)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert out.stdout.strip().splitlines()[-1] == "False"
