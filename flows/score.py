@@ -21,8 +21,6 @@ from prefect.context import FlowRunContext
 from featurestore.scores import ScoredModel, ScoreStore, part_id_of
 from featurestore.store import FeatureStore, ShardManifest
 from flows.cluster import Echo
-from flows.ingest import ingest_flow
-from flows.ingest_worker import warm_worker
 from flows.plan import MAX_TASK_RUNS
 from flows.records import ScorePartResult, ScorePlan
 from flows.report import publish, run_id
@@ -114,6 +112,11 @@ def score_flow(store: str, model_uri: str, source: str | None = None, top_k: int
                 model_uri, model.name, model.version, model.run_id, model.feature_set)
     ingest = None
     if source is not None:
+        # imported here, not with this module: a worker unpickling its first score task
+        # imports this module, and the ingest stack (numba, scipy.fft, the feature kernels)
+        # was 0.5 CPU-s of it, and of the command's imports, for runs that ingest nothing
+        from flows.ingest import ingest_flow
+
         runner = FlowRunContext.get().task_runner.duplicate()  # type: ignore[union-attr]
         ingest = ingest_flow.with_options(task_runner=runner)(
             source=source, store=store, config=feature_config, shard_minutes=shard_minutes,
@@ -206,6 +209,8 @@ def run_score(store: str, model_uri: str, *, source: str | None = None, top_k: i
     try:
         warm: list[Warmup] = [(warm_scorer, (uri, model.uri, device, start.model_dir))]
         if source is not None:
+            from flows.ingest_worker import warm_worker
+
             warm.append((warm_worker, (FeatureConfig.from_dict(config).to_json(),)))
         result: ScoreSummary = run_on_cluster(
             score_flow, {"store": store, "model_uri": model.uri, "source": source,

@@ -245,15 +245,14 @@ def start_score(store: str, model_uri: str, *, source: str | None = None,
     fstore = FeatureStore(store, create=source is not None)
     uri = tracking_uri_for(fstore, tracking_uri)
     model, config, directory = resolve_model(model_uri, uri)
+    keep = False  # the folder, for the run that follows (none when done, or on an error)
     try:
         done = already_scored(fstore, model, config) if source is None else None
-    except BaseException:
-        tracking.remove_artifact_dir(directory)
-        raise
-    if done is not None:
-        tracking.remove_artifact_dir(directory)
-        return ScoreStart(fstore, uri, model, config, done)
-    return ScoreStart(fstore, uri, model, config, None, directory)
+        keep = done is None
+        return ScoreStart(fstore, uri, model, config, done, directory if keep else None)
+    finally:
+        if not keep:
+            tracking.remove_artifact_dir(directory)
 
 
 def summary_json(summary: ScoreSummary) -> str:

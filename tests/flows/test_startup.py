@@ -156,6 +156,15 @@ def test_a_model_with_scikit_learn_parts_gets_it_preloaded():
     """)
     assert out.returncode == 0, out.stderr[-3000:]
     assert out.stdout.strip().splitlines()[-1] == "[False, False, False]"
+    # nor does the score flow's module (what a worker imports to unpickle a score task) import
+    # the ingest stack
+    out = run_python("""
+        import sys
+        import flows.score
+        print([m in sys.modules for m in ("flows.ingest", "flows.ingest_worker", "numba")])
+    """)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert out.stdout.strip().splitlines()[-1] == "[False, False, False]"
 
 
 def test_whether_an_api_is_configured_is_told_without_prefect_only_when_certain(
