@@ -27,9 +27,6 @@ from flows.records import ScorePartResult, ScorePlan
 from tasks.errors import SchemaError
 from tasks.predictions import align_classes, score_rows
 
-CPU_BATCH = 256
-GPU_BATCH = 2048
-
 
 @functools.lru_cache(maxsize=2)
 def load_predictor(tracking_uri: str, model_uri: str, device: str | None = None,
@@ -83,13 +80,12 @@ def score_part(store_url: str, tracking_uri: str, model_json: dict[str, Any], pl
     store = FeatureStore(store_url)
     labels: collections.Counter[str] = collections.Counter()
     unsure = 0
-    batch = GPU_BATCH if predictor.device.type == "cuda" else CPU_BATCH
     tracks, seg = _part_rows(store, model, predictor, plan)
     with ScorePartWriter(ScoreStore(store), model, plan.part_id) as writer:
         for shard, tensor_file in zip(plan.shards, plan.tensor_files, strict=True):
             track_rows, segment_rows = _score_shard(
                 store, model, predictor, _of_shard(tracks, shard), _of_shard(seg, shard),
-                tensor_file, top, batch)
+                tensor_file, top)
             writer.add(track_rows, segment_rows, shard=shard)
             labels.update(track_rows["label"])
             unsure += int(np.sum(~track_rows["confident"]))
@@ -131,10 +127,10 @@ def _of_shard(rows: pa.Table, shard: str) -> pa.Table:
 
 
 def _score_shard(store: FeatureStore, model: ScoredModel, predictor: Any, tracks_table: pa.Table,
-                 seg: pa.Table, tensor_file: str | None, top: int, batch: int
+                 seg: pa.Table, tensor_file: str | None, top: int
                  ) -> tuple[dict[str, Any], dict[str, Any]]:
     """Track rows and segment rows of one feature shard (its ``tracks`` and ``segments``
-    rows).
+    rows). The model's batch size is its own rule (:func:`training.models.inference_batch_size`).
     """
     fs = model.feature_set
     tracks = tracks_table.to_pydict()
@@ -155,10 +151,10 @@ def _score_shard(store: FeatureStore, model: ScoredModel, predictor: Any, tracks
         probs, emb = predictor.predict({"summary": frame, **{
             kind: _shard_tensor(store, fs, tensor_file, kind, seg)
             for kind in predictor.meta["inputs"] if kind != "summary"}},
-            embeddings=True, batch_size=batch)
+            embeddings=True)
         ids, numbers = seg_ids, seg_no
     else:
-        parts = [(t, s, *predictor.predict(m, embeddings=True, batch_size=batch))
+        parts = [(t, s, *predictor.predict(m, embeddings=True))
                  for t, s, m in (shard_matrices(store, fs, tensor_file, predictor.input,
                                                 rows=seg["tensor_row"].to_numpy())
                                  if tensor_file else ())]

@@ -28,7 +28,7 @@ from tasks.errors import ParameterError
 from training.calibration import apply_temperature, log_scores
 from training.classic import classic_proba, pool_segments
 from training.meta import META, read_meta, single_embed_dim
-from training.models import Tagger, build_model, config_from_dict
+from training.models import Tagger, build_model, config_from_dict, inference_batch_size
 from training.novelty import NoveltyDetector
 
 TORCH_WEIGHTS = "weights.pt"
@@ -89,9 +89,12 @@ class Predictor:
 
     @torch.inference_mode()
     def predict(self, x: ModelInput, *, embeddings: bool = False,
-                batch_size: int = 512, raw: bool = False
+                batch_size: int | None = None, raw: bool = False
                 ) -> tuple[np.ndarray, np.ndarray | None]:
         """Probabilities ``(n, n_classes)`` and, if asked, embeddings ``(n, d)`` (float32).
+
+        ``batch_size``: rows a forward pass takes; by default
+        :func:`training.models.inference_batch_size` of a row's size and the device.
 
         Probabilities are calibrated at :attr:`temperature`; ``raw`` returns the uncalibrated
         log-domain scores instead (logits, or a classic model's log-probabilities / log-odds).
@@ -113,6 +116,8 @@ class Predictor:
         arr = np.asarray(data, dtype=np.float32)
         cuda = self.device.type == "cuda"
         scale = 1.0 if raw else 1.0 / self.temperature
+        if batch_size is None:
+            batch_size = inference_batch_size(int(np.prod(arr.shape[1:])), self.device.type)
         for i in range(0, len(arr), batch_size):
             # a copy: rows may be read-only views of memory-mapped shards
             batch = torch.from_numpy(np.array(arr[i:i + batch_size])).to(

@@ -77,7 +77,7 @@ class Ensemble(artifact.Predictor):
         return sum(m.embed_dim for m in self.members)
 
     def predict(self, x: artifact.ModelInput, *, embeddings: bool = False,
-                batch_size: int = 512, raw: bool = False
+                batch_size: int | None = None, raw: bool = False
                 ) -> tuple[np.ndarray, np.ndarray | None]:
         """Probabilities ``(n, n_classes)`` (the weighted mean of the members' calibrated
         ones) and, if asked, embeddings ``(n, embed_dim)``; ``raw``: their log-domain scores

@@ -20,7 +20,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from tasks.errors import ParameterError
 from training.augment import mixup, spec_augment
-from training.models import Tagger
+from training.models import Tagger, inference_batch_size
 
 
 @dataclass(frozen=True)
@@ -341,14 +341,19 @@ def _set_rng_states(states: dict[str, Any]) -> None:
 
 
 @torch.inference_mode()
-def predict(model: Tagger, dataset: Dataset, *, batch_size: int = 256,
+def predict(model: Tagger, dataset: Dataset, *, batch_size: int | None = None,
             device: torch.device | None = None, embeddings: bool = False,
             logits: bool = False) -> tuple[np.ndarray, np.ndarray | None]:
     """Probabilities (softmax or sigmoid applied here; with ``logits`` the raw logits) and
-    optionally embeddings.
+    optionally embeddings. ``batch_size``: by default :func:`training.models.inference_batch_size`
+    of a row's size and the device.
     """
     device = device or next(model.parameters()).device
     model.eval()
+    if batch_size is None:
+        row = dataset[0][0] if len(dataset) else None  # type: ignore[arg-type]
+        batch_size = inference_batch_size(int(np.prod(np.shape(row))) if row is not None else 1,
+                                          device.type)
     multi = getattr(model, "multi_label", False)
     probs, embs = [], []
     loader = DataLoader(dataset, batch_size=batch_size, shuffle=False)

@@ -154,6 +154,29 @@ def build_model(config: ModelConfig, rows: int, n_classes: int) -> Tagger:
     return Tagger(config, rows, n_classes)
 
 
+# Inference batches (decision 71). On CPU a batch's activations are kept small: a batch of
+# 256 MFCC matrices (or of 64 log-mel ones) makes activations of tens of MB that glibc serves
+# by mmap from a worker thread's arena and returns each batch, so every batch page-faults its
+# memory in again (1.8 M faults and half the throughput on philharmonia-dev's mfcc_cnn).
+# 2**17 input values a batch (512 KiB: 50 MFCC rows, 8 log-mel ones) was at or next to the
+# fastest batch for every family measured; a GPU takes large batches.
+CPU_BATCH_VALUES = 2**17
+CPU_BATCH_RANGE = (4, 256)
+GPU_BATCH = 2048
+
+
+def inference_batch_size(row_values: int, device_type: str) -> int:
+    """Rows a forward pass takes at once when the caller does not say: ``GPU_BATCH`` on a
+    GPU, else ``CPU_BATCH_VALUES // row_values`` clamped to ``CPU_BATCH_RANGE``.
+
+    ``row_values``: the number of values in one input row (``rows * frames``).
+    """
+    if device_type == "cuda":
+        return GPU_BATCH
+    low, high = CPU_BATCH_RANGE
+    return max(low, min(high, CPU_BATCH_VALUES // max(1, row_values)))
+
+
 def config_from_dict(data: dict[str, Any]) -> ModelConfig:
     """Inverse of :meth:`ModelConfig.to_dict`."""
     data = dict(data)

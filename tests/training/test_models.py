@@ -19,6 +19,7 @@ from training.models import (
     _TimeTransformer,
     build_model,
     config_from_dict,
+    inference_batch_size,
 )
 
 # a Transformer tagger small enough for unit tests
@@ -199,6 +200,40 @@ def test_transformer_artifact_round_trip_gives_identical_outputs(tmp_path):
     torch.testing.assert_close(torch.from_numpy(emb), expect_emb, rtol=0, atol=0)
     probs, _ = loaded.predict(x)
     np.testing.assert_allclose(probs, expect.softmax(-1).numpy(), rtol=1e-6)
+
+
+def test_inference_batch_size_follows_row_size_and_device():
+    assert inference_batch_size(20 * 130, "cpu") == 50  # an MFCC segment
+    assert inference_batch_size(128 * 130, "cpu") == 7  # a log-mel segment
+    assert inference_batch_size(10, "cpu") == 256  # small rows: capped
+    assert inference_batch_size(10**7, "cpu") == 4  # huge rows: a floor
+    assert inference_batch_size(0, "cpu") == 256
+    assert inference_batch_size(128 * 130, "cuda") == 2048
+
+
+def test_predict_batches_by_the_rule_and_scores_do_not_depend_on_the_batch(tmp_path):
+    torch.manual_seed(0)
+    rows, frames = 64, 129
+    cfg = MODEL_CONFIGS["cnn"]()
+    model = build_model(cfg, rows, 3).eval()
+    meta = {"input": "logmel", "model_config": cfg.to_dict(), "classes": ["a", "b", "c"],
+            "multi_label": False, "temperature": 1.5}
+    artifact.save(str(tmp_path / "m"), meta, torch_model=model)
+    loaded = artifact.load(str(tmp_path / "m"), device="cpu")
+    assert loaded.torch_model is not None
+    calls: list[int] = []
+    loaded.torch_model.head.register_forward_hook(lambda m, i, o: calls.append(len(o)))
+    x = np.random.default_rng(1).standard_normal((40, rows, frames)).astype(np.float32)
+    probs, emb = loaded.predict(x, embeddings=True)
+    per_batch = inference_batch_size(rows * frames, "cpu")
+    assert per_batch == 15
+    assert calls == [15, 15, 10]
+    calls.clear()
+    whole, whole_emb = loaded.predict(x, embeddings=True, batch_size=len(x))
+    assert calls == [40]
+    np.testing.assert_allclose(probs, whole, rtol=1e-5, atol=1e-6)
+    assert emb is not None and whole_emb is not None
+    np.testing.assert_allclose(emb, whole_emb, rtol=1e-4, atol=1e-5)
 
 
 @pytest.mark.slow
