@@ -219,5 +219,7 @@ def load(directory: str, *, device: str | None = None) -> Predictor:
                        weights_only=True)
     model.load_state_dict(state)
     model.to(dev).eval()
+    if dev.type == "cpu":
+        model.to_channels_last()  # decision 72
     return Predictor(meta, torch_model=model, device=dev, novelty=novelty)
 

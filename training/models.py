@@ -140,10 +140,22 @@ class Tagger(nn.Module):
         self.standardize = Standardize(rows)
         self.backbone = _build_backbone(config, rows)
         self.head = nn.Linear(config.embed_dim, n_classes)
+        self.channels_last = False
+
+    def to_channels_last(self) -> Tagger:
+        """Hold the convolution weights, and feed the backbone, in channels-last layout
+        (decision 72): the same outputs, 1.2-3x faster inference on CPU for every family.
+        """
+        self.to(memory_format=torch.channels_last)
+        self.channels_last = True
+        return self
 
     def embed(self, x: torch.Tensor) -> torch.Tensor:
         """Embedding ``(batch, embed_dim)`` of ``x`` ``(batch, rows, frames)``."""
-        return self.backbone(self.standardize(x).unsqueeze(1))
+        z = self.standardize(x).unsqueeze(1)
+        if getattr(self, "channels_last", False):  # a Tagger unpickled from before it
+            z = z.contiguous(memory_format=torch.channels_last)
+        return self.backbone(z)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.head(self.embed(x))
