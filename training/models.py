@@ -146,7 +146,8 @@ class Tagger(nn.Module):
         """Hold the convolution weights, and feed the backbone, in channels-last layout
         (decision 72): the same outputs, 1.2-3x faster inference on CPU for every family.
         """
-        self.to(memory_format=torch.channels_last)  # type: ignore[call-overload]  (not in the stubs)
+        # memory_format is a keyword of Module.to that torch's stubs do not list
+        self.to(memory_format=torch.channels_last)  # type: ignore[call-overload]
         self.channels_last = True
         return self
 
