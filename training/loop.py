@@ -212,6 +212,8 @@ def _setup(model: Tagger, train_ds: Dataset, config: TrainConfig, *, multi_label
     device = pick_device(config.device)
     cuda = device.type == "cuda"
     model.to(device)
+    if device.type == "cpu":
+        model.to_channels_last()  # 1.3-2.6x faster steps on CPU (decision 72)
     weights = class_weights.to(device) if class_weights is not None else None
     workers = config.num_workers if config.num_workers is not None else (4 if cuda else 0)
     # a last batch of one segment cannot train the BatchNorm layers ("Expected more than 1

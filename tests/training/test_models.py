@@ -313,3 +313,9 @@ def test_a_last_batch_of_one_segment_does_not_stop_training():
                            TrainConfig(epochs=2, batch_size=16, patience=9, seed=0),
                            multi_label=False, score=lambda net: 0.0)
     assert len(result.history) == 2 and result.steps == 4  # two full batches an epoch
+    # trained on CPU in channels-last layout (decision 72); its weights save and load back
+    assert model.channels_last
+    fresh = build_model(MFCCCNNConfig(), 20, 2).eval()
+    fresh.load_state_dict(result.state_dict)
+    with torch.inference_mode():
+        torch.testing.assert_close(fresh(x), model.eval()(x), rtol=1e-5, atol=1e-5)
