@@ -218,8 +218,6 @@ def load(directory: str, *, device: str | None = None) -> Predictor:
     state = torch.load(os.path.join(directory, TORCH_WEIGHTS), map_location="cpu",
                        weights_only=True)
     model.load_state_dict(state)
-    model.to(dev).eval()
-    if dev.type == "cpu":
-        model.to_channels_last()  # decision 72
+    model.place(dev).eval()
     return Predictor(meta, torch_model=model, device=dev, novelty=novelty)
 

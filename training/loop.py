@@ -211,9 +211,7 @@ def _setup(model: Tagger, train_ds: Dataset, config: TrainConfig, *, multi_label
     generator = seed_everything(config.seed)
     device = pick_device(config.device)
     cuda = device.type == "cuda"
-    model.to(device)
-    if device.type == "cpu":
-        model.to_channels_last()  # 1.3-2.6x faster steps on CPU (decision 72)
+    model.place(device)
     weights = class_weights.to(device) if class_weights is not None else None
     workers = config.num_workers if config.num_workers is not None else (4 if cuda else 0)
     # a last batch of one segment cannot train the BatchNorm layers ("Expected more than 1
@@ -353,9 +351,8 @@ def predict(model: Tagger, dataset: Dataset, *, batch_size: int | None = None,
     device = device or next(model.parameters()).device
     model.eval()
     if batch_size is None:
-        row = dataset[0][0] if len(dataset) else None  # type: ignore[arg-type]
-        batch_size = inference_batch_size(int(np.prod(np.shape(row))) if row is not None else 1,
-                                          device.type)
+        row_values = int(np.prod(np.shape(dataset[0][0]))) if len(dataset) else 1  # type: ignore[arg-type]
+        batch_size = inference_batch_size(row_values, device.type)
     multi = getattr(model, "multi_label", False)
     probs, embs = [], []
     loader = DataLoader(dataset, batch_size=batch_size, shuffle=False)

@@ -413,7 +413,7 @@ def _finish(prep: Prepared, predictor: artifact.Predictor, params: dict[str, Any
     net = predictor.torch_model
     if net is not None:
         predictor = replace(predictor, device=pick_device())
-        net.to(predictor.device)
+        net.place(predictor.device)
     return FitOutput(model, predictor, out_dir, params, valid_track, test_seg, test_track,
                      history=result.history if result else [],
                      train_seconds=time.perf_counter() - started,

@@ -14,6 +14,7 @@ from training.augment import mixup, spec_augment
 from training.evaluate import confidence_threshold, report
 from training.models import (
     MODEL_CONFIGS,
+    ModelConfig,
     Tagger,
     TransformerConfig,
     _TimeTransformer,
@@ -34,11 +35,16 @@ def _attention_part(model: Tagger) -> _TimeTransformer:
     return part[0]
 
 
-@pytest.mark.parametrize("name", sorted(MODEL_CONFIGS))
-def test_models_give_logits_and_embeddings(name):
+def _unit_config(name: str) -> tuple[ModelConfig, int]:
+    """A family's config at unit-test size and its input rows."""
     cfg = MODEL_CONFIGS[name]() if name != "short_chunk_resnet" else \
         MODEL_CONFIGS[name](channels=8, embed_dim=32)
-    rows = 20 if cfg.input == "mfcc" else 64
+    return cfg, 20 if cfg.input == "mfcc" else 64
+
+
+@pytest.mark.parametrize("name", sorted(MODEL_CONFIGS))
+def test_models_give_logits_and_embeddings(name):
+    cfg, rows = _unit_config(name)
     model = build_model(cfg, rows, 5).eval()
     x = torch.randn(3, rows, 129)
     logits = model(x)
@@ -207,9 +213,7 @@ def test_transformer_artifact_round_trip_gives_the_same_outputs(tmp_path):
 @pytest.mark.parametrize("name", sorted(MODEL_CONFIGS))
 def test_channels_last_gives_the_same_outputs_and_cpu_artifacts_load_in_it(name, tmp_path):
     torch.manual_seed(0)
-    cfg = MODEL_CONFIGS[name]() if name != "short_chunk_resnet" else \
-        MODEL_CONFIGS[name](channels=8, embed_dim=32)
-    rows = 20 if cfg.input == "mfcc" else 64
+    cfg, rows = _unit_config(name)
     model = build_model(cfg, rows, 4)
     model.train()
     model(torch.randn(6, rows, 129))  # BatchNorm statistics away from their defaults
