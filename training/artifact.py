@@ -54,6 +54,10 @@ class Predictor:
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
     novelty: NoveltyDetector | None = None
     """Open-set detector (:mod:`training.novelty`); None: the probability threshold decides."""
+    _folded: Tagger | None = field(default=None, init=False, repr=False, compare=False)
+    """:attr:`torch_model` with its batch norms folded (:meth:`Tagger.folded`), made at the
+    first :meth:`predict`: what predictions run on. :attr:`torch_model` stays as trained (it
+    is what :meth:`save` writes); its weights are fixed once this predictor has predicted."""
 
     @property
     def input(self) -> str:
@@ -108,9 +112,7 @@ class Predictor:
             if raw:
                 return scores.astype(np.float32), emb
             return apply_temperature(scores, self.temperature, multi_label=multi), emb
-        assert self.torch_model is not None
-        model = self.torch_model
-        model.eval()
+        model = self._inference_model()
         batches: list[np.ndarray] = []
         embs: list[np.ndarray] = []
         arr = np.asarray(data, dtype=np.float32)
@@ -136,6 +138,13 @@ class Predictor:
         n_c = len(self.classes)
         p_all = np.concatenate(batches) if batches else np.zeros((0, n_c), np.float32)
         return p_all, (np.concatenate(embs) if embeddings and embs else None)
+
+    def _inference_model(self) -> Tagger:
+        """What predictions run on: the folded twin of :attr:`torch_model`, made once."""
+        assert self.torch_model is not None
+        if self._folded is None:
+            self._folded = self.torch_model.eval().folded()
+        return self._folded
 
     def _classic_scores(self, x: np.ndarray | pd.DataFrame, embeddings: bool
                         ) -> tuple[np.ndarray, np.ndarray | None]:

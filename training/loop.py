@@ -349,11 +349,11 @@ def predict(model: Tagger, dataset: Dataset, *, batch_size: int | None = None,
     of a row's size and the device.
     """
     device = device or next(model.parameters()).device
-    model.eval()
+    multi = getattr(model, "multi_label", False)
+    model = model.eval().folded()  # batch norms folded (decision 73); the model is unchanged
     if batch_size is None:
         row_values = int(np.prod(np.shape(dataset[0][0]))) if len(dataset) else 1  # type: ignore[arg-type]
         batch_size = inference_batch_size(row_values, device.type)
-    multi = getattr(model, "multi_label", False)
     probs, embs = [], []
     loader = DataLoader(dataset, batch_size=batch_size, shuffle=False)
     for x, _ in loader:

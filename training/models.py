@@ -9,6 +9,7 @@ Sizes come from the config and the data, never hard-coded.
 
 from __future__ import annotations
 
+import copy
 from dataclasses import asdict, dataclass, field
 from typing import Any, ClassVar
 
@@ -155,6 +156,29 @@ class Tagger(nn.Module):
         self.channels_last = cpu
         return self
 
+    def folded(self) -> Tagger:
+        """A twin of this model for inference, each batch norm folded into the convolution or
+        linear layer before it (decision 73): the same outputs to float rounding, 1.0-1.3x
+        faster forward passes on CPU (CRNN 2.1-2.5x).
+
+        The twin shares this model's input statistics and head (and their hooks); its
+        backbone is a folded copy, on this model's device and layout. This model is left as
+        it is (what is saved and trained); the twin's weights do not follow later changes.
+        """
+        if self.training:
+            raise RuntimeError("fold an evaluation-mode model (batch norm folds its running "
+                               "statistics)")
+        twin = Tagger.__new__(Tagger)
+        nn.Module.__init__(twin)
+        twin.config, twin.rows, twin.n_classes = self.config, self.rows, self.n_classes
+        twin.channels_last = self.channels_last
+        twin.standardize, twin.head = self.standardize, self.head
+        twin.backbone = fold_batch_norm(copy.deepcopy(self.backbone))
+        layout = torch.channels_last if self.channels_last else torch.contiguous_format
+        device = next(self.head.parameters()).device
+        twin.backbone.to(device, memory_format=layout)  # type: ignore[call-overload]
+        return twin.eval()
+
     def embed(self, x: torch.Tensor) -> torch.Tensor:
         """Embedding ``(batch, embed_dim)`` of ``x`` ``(batch, rows, frames)``."""
         z = self.standardize(x).unsqueeze(1)
@@ -164,6 +188,30 @@ class Tagger(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.head(self.embed(x))
+
+
+def fold_batch_norm(module: nn.Module) -> nn.Module:
+    """``module`` with every batch norm that directly follows a ``Conv2d`` (``BatchNorm2d``)
+    or a ``Linear`` (``BatchNorm1d``) in an ``nn.Sequential`` folded into that layer (children
+    are replaced in place; a Sequential that folds is returned anew). Evaluation mode only:
+    the running statistics become weights.
+    """
+    from torch.nn.utils.fusion import fuse_conv_bn_eval, fuse_linear_bn_eval
+
+    for name, child in list(module.named_children()):
+        setattr(module, name, fold_batch_norm(child))
+    if not isinstance(module, nn.Sequential):
+        return module
+    layers: list[nn.Module] = []
+    for layer in module:
+        prev = layers[-1] if layers else None
+        if isinstance(layer, nn.BatchNorm2d) and isinstance(prev, nn.Conv2d):
+            layers[-1] = fuse_conv_bn_eval(prev, layer)
+        elif isinstance(layer, nn.BatchNorm1d) and isinstance(prev, nn.Linear):
+            layers[-1] = fuse_linear_bn_eval(prev, layer)
+        else:
+            layers.append(layer)
+    return nn.Sequential(*layers) if len(layers) < len(module) else module
 
 
 def build_model(config: ModelConfig, rows: int, n_classes: int) -> Tagger:
@@ -345,4 +393,5 @@ def _build_backbone(config: ModelConfig, rows: int) -> nn.Module:
     raise ValueError(f"no backbone for {type(config).__name__}")
 
 
-__all__ = ["MODEL_CONFIGS", "ModelConfig", "Tagger", "build_model", "config_from_dict", "field"]
+__all__ = ["MODEL_CONFIGS", "ModelConfig", "Tagger", "build_model", "config_from_dict", "field",
+           "fold_batch_norm"]

@@ -233,6 +233,45 @@ def test_channels_last_gives_the_same_outputs_and_cpu_artifacts_load_in_it(name,
     torch.testing.assert_close(torch.from_numpy(logits), expect, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("name", sorted(MODEL_CONFIGS))
+def test_predictions_run_with_batch_norm_folded_and_the_saved_model_keeps_it(name, tmp_path):
+    torch.manual_seed(0)
+    cfg, rows = _unit_config(name)
+    model = build_model(cfg, rows, 4)
+    model.train()
+    model(torch.randn(6, rows, 129))  # BatchNorm statistics away from their defaults
+    with pytest.raises(RuntimeError, match="evaluation-mode"):
+        model.folded()
+    model.eval()
+    x = torch.randn(5, rows, 129)
+    with torch.inference_mode():
+        expect, expect_emb = model(x), model.embed(x)
+    meta = {"input": cfg.input, "model_config": cfg.to_dict(), "classes": list("abcd"),
+            "multi_label": False, "temperature": 1.0}
+    artifact.save(str(tmp_path / "m"), meta, torch_model=model)
+    loaded = artifact.load(str(tmp_path / "m"), device="cpu")
+    logits, emb = loaded.predict(x.numpy(), raw=True, embeddings=True)
+    torch.testing.assert_close(torch.from_numpy(logits), expect, rtol=1e-4, atol=1e-5)
+    assert emb is not None
+    torch.testing.assert_close(torch.from_numpy(emb), expect_emb, rtol=1e-4, atol=1e-5)
+
+    def norms(net: torch.nn.Module) -> int:
+        return sum(isinstance(m, torch.nn.modules.batchnorm._BatchNorm) for m in net.modules())
+
+    net, twin = loaded.torch_model, loaded._inference_model()
+    assert net is not None and norms(net) > 0 and norms(twin) == 0
+    assert twin.head is net.head and twin.standardize is net.standardize
+    assert twin.channels_last and all(
+        m.weight.is_contiguous(memory_format=torch.channels_last)
+        for m in twin.modules() if isinstance(m, torch.nn.Conv2d))
+    # what a loaded model saves again (an ensemble's members) is the model as trained
+    again = artifact.load(loaded.save(str(tmp_path / "again")), device="cpu")
+    assert again.torch_model is not None
+    assert again.torch_model.state_dict().keys() == model.state_dict().keys()
+    np.testing.assert_allclose(again.predict(x.numpy(), raw=True)[0], logits, rtol=1e-6,
+                               atol=1e-7)
+
+
 def test_inference_batch_size_follows_row_size_and_device():
     assert inference_batch_size(20 * 130, "cpu") == 50  # an MFCC segment
     assert inference_batch_size(128 * 130, "cpu") == 7  # a log-mel segment
