@@ -28,7 +28,13 @@ from tasks.errors import ParameterError
 from training.calibration import apply_temperature, log_scores
 from training.classic import classic_proba, pool_segments
 from training.meta import META, read_meta, single_embed_dim
-from training.models import Tagger, build_model, config_from_dict, inference_batch_size
+from training.models import (
+    Tagger,
+    build_model,
+    config_from_dict,
+    forward_batches,
+    inference_batch_size,
+)
 from training.novelty import NoveltyDetector
 
 TORCH_WEIGHTS = "weights.pt"
@@ -91,7 +97,6 @@ class Predictor:
         """
         return [*(["track_id", "segment"] if self.pooled else []), *self.meta["columns"]]
 
-    @torch.inference_mode()
     def predict(self, x: ModelInput, *, embeddings: bool = False,
                 batch_size: int | None = None, raw: bool = False
                 ) -> tuple[np.ndarray, np.ndarray | None]:
@@ -113,31 +118,15 @@ class Predictor:
                 return scores.astype(np.float32), emb
             return apply_temperature(scores, self.temperature, multi_label=multi), emb
         model = self._inference_model()
-        batches: list[np.ndarray] = []
-        embs: list[np.ndarray] = []
         arr = np.asarray(data, dtype=np.float32)
-        cuda = self.device.type == "cuda"
-        scale = 1.0 if raw else 1.0 / self.temperature
         if batch_size is None:
             batch_size = inference_batch_size(int(np.prod(arr.shape[1:])), self.device.type)
-        for i in range(0, len(arr), batch_size):
-            # a copy: rows may be read-only views of memory-mapped shards
-            batch = torch.from_numpy(np.array(arr[i:i + batch_size])).to(
-                self.device, non_blocking=cuda)
-            with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=cuda):
-                e = model.embed(batch)
-                logits = model.head(e).float()
-            if raw:
-                p = logits
-            else:
-                logits = logits * scale if scale != 1.0 else logits
-                p = torch.sigmoid(logits) if multi else torch.softmax(logits, -1)
-            batches.append(p.cpu().numpy())
-            if embeddings:
-                embs.append(e.float().cpu().numpy())
-        n_c = len(self.classes)
-        p_all = np.concatenate(batches) if batches else np.zeros((0, n_c), np.float32)
-        return p_all, (np.concatenate(embs) if embeddings and embs else None)
+        # copies: rows may be read-only views of memory-mapped shards
+        batches = (torch.from_numpy(np.array(arr[i:i + batch_size]))
+                   for i in range(0, len(arr), batch_size))
+        return forward_batches(model, batches, self.device, multi_label=multi,
+                               scale=None if raw else 1.0 / self.temperature,
+                               embeddings=embeddings)
 
     def _inference_model(self) -> Tagger:
         """What predictions run on: the folded twin of :attr:`torch_model`, made once."""

@@ -20,7 +20,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from tasks.errors import ParameterError
 from training.augment import mixup, spec_augment
-from training.models import Tagger, inference_batch_size
+from training.models import Tagger, forward_batches, inference_batch_size
 
 
 @dataclass(frozen=True)
@@ -340,7 +340,6 @@ def _set_rng_states(states: dict[str, Any]) -> None:
         torch.cuda.set_rng_state_all(states["cuda"])
 
 
-@torch.inference_mode()
 def predict(model: Tagger, dataset: Dataset, *, batch_size: int | None = None,
             device: torch.device | None = None, embeddings: bool = False,
             logits: bool = False) -> tuple[np.ndarray, np.ndarray | None]:
@@ -349,21 +348,11 @@ def predict(model: Tagger, dataset: Dataset, *, batch_size: int | None = None,
     of a row's size and the device.
     """
     device = device or next(model.parameters()).device
-    multi = getattr(model, "multi_label", False)
+    multi = bool(getattr(model, "multi_label", False))
     model = model.eval().folded()  # batch norms folded (decision 73); the model is unchanged
     if batch_size is None:
         row_values = int(np.prod(np.shape(dataset[0][0]))) if len(dataset) else 1  # type: ignore[arg-type]
         batch_size = inference_batch_size(row_values, device.type)
-    probs, embs = [], []
     loader = DataLoader(dataset, batch_size=batch_size, shuffle=False)
-    for x, _ in loader:
-        x = x.to(device)
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
-            e = model.embed(x)
-            out = model.head(e).float()
-        probs.append((out if logits else torch.sigmoid(out) if multi else
-                      torch.softmax(out, -1)).cpu())
-        if embeddings:
-            embs.append(e.float().cpu())
-    p = torch.cat(probs).numpy() if probs else np.zeros((0, model.n_classes), np.float32)
-    return p, (torch.cat(embs).numpy() if embeddings and embs else None)
+    return forward_batches(model, (x for x, _ in loader), device, multi_label=multi,
+                           scale=None if logits else 1.0, embeddings=embeddings)

@@ -10,9 +10,11 @@ Sizes come from the config and the data, never hard-coded.
 from __future__ import annotations
 
 import copy
+from collections.abc import Iterable
 from dataclasses import asdict, dataclass, field
 from typing import Any, ClassVar
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -242,6 +244,34 @@ def inference_batch_size(row_values: int, device_type: str) -> int:
     return max(low, min(high, CPU_BATCH_VALUES // max(1, row_values)))
 
 
+@torch.inference_mode()
+def forward_batches(model: Tagger, batches: Iterable[torch.Tensor], device: torch.device, *,
+                    multi_label: bool, scale: float | None = 1.0, embeddings: bool = False
+                    ) -> tuple[np.ndarray, np.ndarray | None]:
+    """The one batched forward pass of inference (a :class:`training.artifact.Predictor`'s
+    and the training loop's validation): each batch moved to ``device`` and run in bf16
+    autocast on CUDA; returns probabilities ``(n, n_classes)`` (sigmoid for ``multi_label``,
+    else softmax, of the logits times ``scale``), or with ``scale`` None the logits, and with
+    ``embeddings`` the layer before the head (float32 arrays).
+    """
+    cuda = device.type == "cuda"
+    outs: list[np.ndarray] = []
+    embs: list[np.ndarray] = []
+    for batch in batches:
+        x = batch.to(device, non_blocking=cuda)
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cuda):
+            e = model.embed(x)
+            logits = model.head(e).float()
+        if scale is not None:
+            logits = logits * scale if scale != 1.0 else logits
+            logits = torch.sigmoid(logits) if multi_label else torch.softmax(logits, -1)
+        outs.append(logits.cpu().numpy())
+        if embeddings:
+            embs.append(e.float().cpu().numpy())
+    out = np.concatenate(outs) if outs else np.zeros((0, model.n_classes), np.float32)
+    return out, (np.concatenate(embs) if embeddings and embs else None)
+
+
 def config_from_dict(data: dict[str, Any]) -> ModelConfig:
     """Inverse of :meth:`ModelConfig.to_dict`."""
     data = dict(data)
@@ -394,4 +424,4 @@ def _build_backbone(config: ModelConfig, rows: int) -> nn.Module:
 
 
 __all__ = ["MODEL_CONFIGS", "ModelConfig", "Tagger", "build_model", "config_from_dict", "field",
-           "fold_batch_norm"]
+           "fold_batch_norm", "forward_batches"]
