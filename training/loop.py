@@ -20,6 +20,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from tasks.errors import ParameterError
 from training.augment import mixup, spec_augment
+from training.heap import reused_heap
 from training.models import Tagger, forward_batches, inference_batch_size
 
 
@@ -176,26 +177,28 @@ def train_network(model: Tagger, train_ds: Dataset, valid_ds: Dataset, config: T
         Receives ``(epoch, metrics)`` after each epoch.
     """
     run = _setup(model, train_ds, config, multi_label=multi_label, class_weights=class_weights)
-    ckpt = os.path.join(checkpoint_dir, "last.pt") if checkpoint_dir else None
-    state = _restore(ckpt, model, run) if ckpt and resume and os.path.exists(ckpt) else _State()
-    clock = _Clock()
-    stale = 0 if state.best_epoch < 0 else (state.epoch - state.best_epoch)
-    for epoch in range(state.epoch + 1, config.epochs):
-        if hasattr(train_ds, "epoch"):
-            train_ds.epoch = epoch
-        losses = _run_epoch(model, run, config, state, clock)
-        metrics = {"train_loss": float(np.mean(losses)) if losses else float("nan"),
-                   "valid_score": score(model), "lr": float(run.opt.param_groups[0]["lr"])}
-        state.history.append({"epoch": epoch, **metrics})
-        if on_epoch:
-            on_epoch(epoch, metrics)
-        value = float(epoch) if keep_last else metrics["valid_score"]
-        stale = 0 if _keep_if_best(model, state, epoch, value) else stale + 1
-        state.epoch = epoch
-        if ckpt:
-            _save(ckpt, model, run, state)
-        if stale >= config.patience or _out_of_steps(config, state.step):
-            break
+    # on CPU, a step reuses the previous step's activation memory (decision 74)
+    with reused_heap(run.device.type == "cpu"):
+        ckpt = os.path.join(checkpoint_dir, "last.pt") if checkpoint_dir else None
+        state = _restore(ckpt, model, run) if ckpt and resume and os.path.exists(ckpt) else _State()
+        clock = _Clock()
+        stale = 0 if state.best_epoch < 0 else (state.epoch - state.best_epoch)
+        for epoch in range(state.epoch + 1, config.epochs):
+            if hasattr(train_ds, "epoch"):
+                train_ds.epoch = epoch
+            losses = _run_epoch(model, run, config, state, clock)
+            metrics = {"train_loss": float(np.mean(losses)) if losses else float("nan"),
+                       "valid_score": score(model), "lr": float(run.opt.param_groups[0]["lr"])}
+            state.history.append({"epoch": epoch, **metrics})
+            if on_epoch:
+                on_epoch(epoch, metrics)
+            value = float(epoch) if keep_last else metrics["valid_score"]
+            stale = 0 if _keep_if_best(model, state, epoch, value) else stale + 1
+            state.epoch = epoch
+            if ckpt:
+                _save(ckpt, model, run, state)
+            if stale >= config.patience or _out_of_steps(config, state.step):
+                break
     if state.best_state is None:
         state.best_state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
     model.load_state_dict(state.best_state)
