@@ -3,11 +3,12 @@
 A training step of the log-mel CNN (batch 64) makes activations of 100 MB and more. glibc's
 ``malloc`` serves any block above its mmap threshold (at most 32 MiB on 64-bit Linux, however
 it is set) with a fresh ``mmap`` and unmaps it on ``free``, so every step faults its
-activations in again, page by page: 250,000-330,000 minor faults a step, 43-48 % of its time
-in the kernel (``mtag train --model auto`` on philharmonia-dev: 403 M faults, 792 of its 2,297
-CPU-seconds in the kernel). :func:`reused_heap` tells glibc to serve every block from the heap
-and to keep up to 512 MiB of freed memory at its top, so a step reuses the previous step's
-pages: 1.3-1.9x faster log-mel CNN steps in one thread (decision 74).
+activations in again, page by page: 340,000-460,000 minor faults a step (log-mel CNN, CRNN),
+about half of its time in the kernel (``mtag train --model auto`` on philharmonia-dev: 403 M
+faults, 792 of its 2,297 CPU-seconds in the kernel). :func:`reused_heap` tells glibc to serve
+every block from the heap and to keep up to 512 MiB of freed memory at its top, so a step
+reuses the previous step's pages: 1.9-2.0x faster log-mel CNN and CRNN steps in one thread
+(decision 74).
 
 Where the C library is not glibc (or there is no ``mallopt``), nothing changes. The settings
 are the process's: only the thread's own arena is affected when the training runs in a thread
