@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import ctypes
-import ctypes.util
 import resource
 import sys
 
@@ -16,7 +15,7 @@ def _faults_of_big_blocks(n: int = 6, size: int = 96 << 20) -> int:
     """Minor page faults of ``n`` blocks of ``size`` bytes from ``malloc``, each written,
     then freed (as torch's CPU allocator does; numpy asks for huge pages, which hide this).
     """
-    libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+    libc = ctypes.CDLL(None)
     libc.malloc.restype = ctypes.c_void_p
     libc.free.argtypes = [ctypes.c_void_p]
     before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
