@@ -81,11 +81,14 @@ def score_part(store_url: str, tracking_uri: str, model_json: dict[str, Any], pl
     labels: collections.Counter[str] = collections.Counter()
     unsure = 0
     tracks, seg = _part_rows(store, model, predictor, plan)
+    tracks_of, seg_of = _by_shard(tracks), _by_shard(seg)
+    empty_tracks, empty_seg = tracks.slice(0, 0).drop_columns(["shard"]), \
+        seg.slice(0, 0).drop_columns(["shard"])
     with ScorePartWriter(ScoreStore(store), model, plan.part_id) as writer:
         for shard, tensor_file in zip(plan.shards, plan.tensor_files, strict=True):
             track_rows, segment_rows = _score_shard(
-                store, model, predictor, _of_shard(tracks, shard), _of_shard(seg, shard),
-                tensor_file, top)
+                store, model, predictor, tracks_of.get(shard, empty_tracks),
+                seg_of.get(shard, empty_seg), tensor_file, top)
             writer.add(track_rows, segment_rows, shard=shard)
             labels.update(track_rows["label"])
             unsure += int(np.sum(~track_rows["confident"]))
@@ -121,9 +124,29 @@ def _summary_columns(predictor: Any) -> list[str]:
     return list(predictor.meta["columns"]) if predictor.input in ("summary", "mixed") else []
 
 
-def _of_shard(rows: pa.Table, shard: str) -> pa.Table:
-    """The rows of one shard (in the order the snapshot holds them), without the column."""
-    return rows.filter(pc.equal(rows["shard"], shard)).drop_columns(["shard"])
+def _by_shard(rows: pa.Table) -> dict[str, pa.Table]:
+    """The rows of each shard (in the order the snapshot holds them), without the column:
+    one sort of the part's rows, where a filter per shard had scanned them all once a shard
+    (3-9 % of a scoring worker's time on philharmonia-dev's parts of 16 shards).
+    """
+    codes = pc.dictionary_encode(rows["shard"].combine_chunks())
+    order = np.argsort(codes.indices.to_numpy(zero_copy_only=False), kind="stable")
+    counts = np.bincount(codes.indices.to_numpy(zero_copy_only=False),
+                         minlength=len(codes.dictionary))
+    grouped = rows.drop_columns(["shard"]).take(pa.array(order))
+    out, at = {}, 0
+    for shard, n in zip(codes.dictionary.to_pylist(), counts.tolist(), strict=True):
+        out[shard] = grouped.slice(at, n)
+        at += n
+    return out
+
+
+def _columns_matrix(rows: pa.Table, columns: list[str]) -> np.ndarray:
+    """``columns`` of ``rows`` as one float64 matrix (nulls as NaN), without pandas."""
+    if not columns:
+        return np.zeros((rows.num_rows, 0), np.float64)
+    return np.stack([rows[c].to_numpy(zero_copy_only=False).astype(np.float64, copy=False)
+                     for c in columns], axis=1)
 
 
 def _score_shard(store: FeatureStore, model: ScoredModel, predictor: Any, tracks_table: pa.Table,
@@ -166,7 +189,9 @@ def _score_shard(store: FeatureStore, model: ScoredModel, predictor: Any, tracks
         emb = np.concatenate([p[3] for p in parts]) if parts else np.zeros(
             (0, model.embed_dim), np.float32)
     start_s = _align_start(seg_ids, seg_no, seg["start_s"].to_numpy(), ids, numbers)
-    novelty = detector.frame_novelty(seg.select(["track_id", *detector.columns]).to_pandas()) \
+    # straight from the Arrow rows: a pandas frame of them (string track ids) cost more than
+    # the distances
+    novelty = detector.novelty(seg_ids, _columns_matrix(seg, detector.columns)) \
         if detector else None
     track_rows, segment_rows = score_rows(
         ids, numbers, align_classes(probs, predictor.classes, model.classes), emb,
