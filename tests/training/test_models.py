@@ -210,21 +210,35 @@ def test_transformer_artifact_round_trip_gives_the_same_outputs(tmp_path):
     np.testing.assert_allclose(probs, expect.softmax(-1).numpy(), rtol=1e-6)
 
 
-@pytest.mark.parametrize("name", sorted(MODEL_CONFIGS))
-def test_channels_last_gives_the_same_outputs_and_cpu_artifacts_load_in_it(name, tmp_path):
+def _warmed_model(name: str) -> tuple[Tagger, int]:
+    """A unit-size model of family ``name`` whose BatchNorm statistics are away from their
+    defaults, in training mode; and its input rows.
+    """
     torch.manual_seed(0)
     cfg, rows = _unit_config(name)
     model = build_model(cfg, rows, 4)
     model.train()
-    model(torch.randn(6, rows, 129))  # BatchNorm statistics away from their defaults
+    model(torch.randn(6, rows, 129))
+    return model, rows
+
+
+def _saved_and_loaded(model: Tagger, tmp_path) -> artifact.Predictor:
+    """``model`` saved as an artifact and loaded back on CPU."""
+    cfg = model.config
+    meta = {"input": cfg.input, "model_config": cfg.to_dict(), "classes": list("abcd"),
+            "multi_label": False, "temperature": 1.0}
+    artifact.save(str(tmp_path / "m"), meta, torch_model=model)
+    return artifact.load(str(tmp_path / "m"), device="cpu")
+
+
+@pytest.mark.parametrize("name", sorted(MODEL_CONFIGS))
+def test_channels_last_gives_the_same_outputs_and_cpu_artifacts_load_in_it(name, tmp_path):
+    model, rows = _warmed_model(name)
     model.eval()
     x = torch.randn(5, rows, 129)
     with torch.inference_mode():
         expect = model(x)
-    meta = {"input": cfg.input, "model_config": cfg.to_dict(), "classes": list("abcd"),
-            "multi_label": False, "temperature": 1.0}
-    artifact.save(str(tmp_path / "m"), meta, torch_model=model)
-    loaded = artifact.load(str(tmp_path / "m"), device="cpu")
+    loaded = _saved_and_loaded(model, tmp_path)
     net = loaded.torch_model
     assert net is not None and net.channels_last and not model.channels_last
     convs = [m.weight for m in net.modules() if isinstance(m, torch.nn.Conv2d)]
@@ -235,21 +249,14 @@ def test_channels_last_gives_the_same_outputs_and_cpu_artifacts_load_in_it(name,
 
 @pytest.mark.parametrize("name", sorted(MODEL_CONFIGS))
 def test_predictions_run_with_batch_norm_folded_and_the_saved_model_keeps_it(name, tmp_path):
-    torch.manual_seed(0)
-    cfg, rows = _unit_config(name)
-    model = build_model(cfg, rows, 4)
-    model.train()
-    model(torch.randn(6, rows, 129))  # BatchNorm statistics away from their defaults
+    model, rows = _warmed_model(name)
     with pytest.raises(RuntimeError, match="evaluation-mode"):
         model.folded()
     model.eval()
     x = torch.randn(5, rows, 129)
     with torch.inference_mode():
         expect, expect_emb = model(x), model.embed(x)
-    meta = {"input": cfg.input, "model_config": cfg.to_dict(), "classes": list("abcd"),
-            "multi_label": False, "temperature": 1.0}
-    artifact.save(str(tmp_path / "m"), meta, torch_model=model)
-    loaded = artifact.load(str(tmp_path / "m"), device="cpu")
+    loaded = _saved_and_loaded(model, tmp_path)
     logits, emb = loaded.predict(x.numpy(), raw=True, embeddings=True)
     torch.testing.assert_close(torch.from_numpy(logits), expect, rtol=1e-4, atol=1e-5)
     assert emb is not None
