@@ -14,6 +14,7 @@ import os
 import resource
 import socket
 import time
+from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
@@ -81,14 +82,11 @@ def score_part(store_url: str, tracking_uri: str, model_json: dict[str, Any], pl
     labels: collections.Counter[str] = collections.Counter()
     unsure = 0
     tracks, seg = _part_rows(store, model, predictor, plan)
-    tracks_of, seg_of = _by_shard(tracks), _by_shard(seg)
-    empty_tracks, empty_seg = tracks.slice(0, 0).drop_columns(["shard"]), \
-        seg.slice(0, 0).drop_columns(["shard"])
+    tracks_of, seg_of = _by_shard(tracks, plan.shards), _by_shard(seg, plan.shards)
     with ScorePartWriter(ScoreStore(store), model, plan.part_id) as writer:
         for shard, tensor_file in zip(plan.shards, plan.tensor_files, strict=True):
             track_rows, segment_rows = _score_shard(
-                store, model, predictor, tracks_of.get(shard, empty_tracks),
-                seg_of.get(shard, empty_seg), tensor_file, top)
+                store, model, predictor, tracks_of[shard], seg_of[shard], tensor_file, top)
             writer.add(track_rows, segment_rows, shard=shard)
             labels.update(track_rows["label"])
             unsure += int(np.sum(~track_rows["confident"]))
@@ -124,21 +122,20 @@ def _summary_columns(predictor: Any) -> list[str]:
     return list(predictor.meta["columns"]) if predictor.input in ("summary", "mixed") else []
 
 
-def _by_shard(rows: pa.Table) -> dict[str, pa.Table]:
-    """The rows of each shard (in the order the snapshot holds them), without the column:
-    one sort of the part's rows, where a filter per shard had scanned them all once a shard
-    (3-9 % of a scoring worker's time on philharmonia-dev's parts of 16 shards).
+def _by_shard(rows: pa.Table, shards: Sequence[str]) -> dict[str, pa.Table]:
+    """The rows of each of ``shards`` (in the order the snapshot holds them; none for a shard
+    without rows), without the ``shard`` column: one stable sort of the part's rows, where a
+    filter per shard had scanned them all once a shard (parts of 10-55 shards on
+    philharmonia-dev).
     """
     codes = pc.dictionary_encode(rows["shard"].combine_chunks())
-    order = np.argsort(codes.indices.to_numpy(zero_copy_only=False), kind="stable")
-    counts = np.bincount(codes.indices.to_numpy(zero_copy_only=False),
-                         minlength=len(codes.dictionary))
-    grouped = rows.drop_columns(["shard"]).take(pa.array(order))
-    out, at = {}, 0
-    for shard, n in zip(codes.dictionary.to_pylist(), counts.tolist(), strict=True):
-        out[shard] = grouped.slice(at, n)
-        at += n
-    return out
+    index = codes.indices.to_numpy(zero_copy_only=False)
+    counts = np.bincount(index, minlength=len(codes.dictionary))
+    grouped = rows.drop_columns(["shard"]).take(pa.array(np.argsort(index, kind="stable")))
+    starts = (np.cumsum(counts) - counts).tolist()
+    held = {shard: grouped.slice(at, n) for shard, at, n in
+            zip(codes.dictionary.to_pylist(), starts, counts.tolist(), strict=True)}
+    return {shard: held.get(shard, grouped.slice(0, 0)) for shard in shards}
 
 
 def _columns_matrix(rows: pa.Table, columns: list[str]) -> np.ndarray:

@@ -11,7 +11,7 @@ from flows.score_worker import _by_shard, _columns_matrix
 def test_rows_split_by_shard_keep_their_order_and_drop_the_column():
     rows = pa.table({"shard": ["b", "a", "b", "c", "a", "b"], "track_id": list("uvwxyz"),
                      "x": [1.0, 2.0, 3.0, 4.0, 5.0, 6.0]})
-    got = _by_shard(rows)
+    got = _by_shard(rows, ["a", "b", "c"])
     assert sorted(got) == ["a", "b", "c"]
     assert got["b"].column_names == ["track_id", "x"]
     assert got["b"]["track_id"].to_pylist() == ["u", "w", "z"]
@@ -19,9 +19,11 @@ def test_rows_split_by_shard_keep_their_order_and_drop_the_column():
     assert got["c"].num_rows == 1
     # chunked input, as a read of several files gives
     chunked = pa.concat_tables([rows.slice(0, 2), rows.slice(2)])
-    assert {k: v.to_pydict() for k, v in _by_shard(chunked).items()} == \
+    assert {k: v.to_pydict() for k, v in _by_shard(chunked, ["a", "b", "c"]).items()} == \
         {k: v.to_pydict() for k, v in got.items()}
-    assert _by_shard(rows.slice(0, 0)) == {}
+    assert _by_shard(rows.slice(0, 0), []) == {}
+    # a shard of the plan without rows gets none
+    assert _by_shard(rows, ["a", "d"])["d"].num_rows == 0
 
 
 def test_summary_columns_become_one_float_matrix_with_nulls_as_nan():
