@@ -146,6 +146,39 @@ def test_shard_round_trip_with_exact_names(store, tmp_path):
         tensors["mfcc"][row].values.to_numpy().reshape(C.n_mfcc, C.segment_frames))
 
 
+def test_float_columns_are_plain_and_the_rest_zstd(store, tmp_path):
+    """Floating-point leaves (summary statistics, lists of floats) are written uncompressed
+    without a dictionary, every other leaf with zstd and one; DuckDB reads the values back."""
+    written, _ = write_shard(store, "s-enc", [("t1", 7.0), ("t2", 2.0)])
+    path = tmp_path / "store" / "features" / FS / "segments" / written.segments_file.path
+    meta = pq.ParquetFile(path).metadata
+    group = meta.row_group(0)
+    seen = {group.column(i).path_in_schema: group.column(i) for i in range(group.num_columns)}
+    floats = [p for p, c in seen.items() if c.physical_type in ("FLOAT", "DOUBLE")]
+    others = [p for p in seen if p not in floats]
+    assert "mfcc_mean_00" in floats and "track_id" in others and "segment" in others
+    for p in floats:
+        assert seen[p].compression == "UNCOMPRESSED", p
+        assert "RLE_DICTIONARY" not in seen[p].encodings and not seen[p].has_dictionary_page, p
+    for p in others:
+        assert seen[p].compression == "ZSTD", p
+        assert seen[p].has_dictionary_page, p
+    stored = pq.read_table(path)
+    import duckdb
+    back = duckdb.sql(f"SELECT track_id, segment, mfcc_mean_00 FROM '{path}' "
+                      "ORDER BY track_id, segment").fetch_arrow_table()
+    want = stored.select(["track_id", "segment", "mfcc_mean_00"]).sort_by(
+        [("track_id", "ascending"), ("segment", "ascending")])
+    assert back.to_pydict() == want.to_pydict()
+    # a nested float leaf is named by its Parquet path, as the writer matches it
+    compression, dictionary = tables.encodings(pa.schema([
+        ("e", pa.list_(pa.float32())), ("s", pa.string()),
+        ("m", pa.struct([("k", pa.float64()), ("n", pa.int64())]))]))
+    assert compression == {"e.list.element": "none", "s": "zstd", "m.k": "none",
+                           "m.n": "zstd"}
+    assert dictionary == ["s", "m.n"]
+
+
 def test_failed_track_leaves_no_rows_even_after_spilling(store):
     written, scratch = write_shard(store, "s-bbb", [("ok1", 4.0), ("bad", 30.0), ("ok2", 3.0)],
                                    spill_bytes=100_000, fail={"bad"}, staging=True)
