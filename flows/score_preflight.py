@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 import time
 from dataclasses import asdict, dataclass, field
 from typing import Any
@@ -115,8 +116,10 @@ def tracking_uri_for(store: FeatureStore, tracking_uri: str | None = None) -> st
     """The MLflow URI to read models from: given, ``MLFLOW_TRACKING_URI``, or the store's own.
 
     ``tracking_uri`` may also be the folder of another store (its embedded SQLite is used).
+    MLflow is not imported for this: where it already is, it is pointed at the URI; every
+    MLflow call of a score run points it there first (:func:`training.tracking.use`).
     """
-    from training import tracking
+    from training import local_registry
 
     if tracking_uri and "://" not in tracking_uri:
         db = mlflow_db_path(tracking_uri)
@@ -124,10 +127,12 @@ def tracking_uri_for(store: FeatureStore, tracking_uri: str | None = None) -> st
             raise StoreError(f"{tracking_uri} is neither a URI nor a store with an MLflow "
                              "database")
         tracking_uri = f"sqlite:///{db}"
-    if tracking_uri:
-        tracking.use(tracking_uri)
-        return tracking_uri
-    return tracking.configure(store)
+    uri = tracking_uri or local_registry.store_uri(store)
+    if "training.tracking" in sys.modules:
+        from training import tracking
+
+        tracking.use(uri)
+    return uri
 
 
 def scored_model(model_uri: str, tracking_uri: str) -> tuple[ScoredModel, dict[str, Any]]:
@@ -136,24 +141,34 @@ def scored_model(model_uri: str, tracking_uri: str) -> tuple[ScoredModel, dict[s
     Reads the model's ``meta.json`` only: the command never loads the model itself (that is
     the workers' job, :func:`flows.score_worker.load_predictor`).
     """
-    from training import tracking
+    from training.local_registry import remove_artifact_dir
 
     model, config, directory = resolve_model(model_uri, tracking_uri)
-    tracking.remove_artifact_dir(directory)
+    remove_artifact_dir(directory)
     return model, config
 
 
 def resolve_model(model_uri: str, tracking_uri: str
                   ) -> tuple[ScoredModel, dict[str, Any], str]:
     """:func:`scored_model`, keeping the model's downloaded artifact folder: its local path
-    comes third (the caller removes it, :func:`training.tracking.remove_artifact_dir`).
+    comes third (the caller removes it, :func:`training.local_registry.remove_artifact_dir`).
+
+    The embedded registry is read without MLflow where it can be
+    (:func:`training.local_registry.resolve`: 2-2.6 CPU-seconds of MLflow's import and store
+    saved at the command's start); anything else, a missing model included, asks MLflow.
     """
-    from training import tracking
+    from training import local_registry
     from training.meta import embed_dim, read_meta
 
-    tracking.use(tracking_uri)
-    ref = tracking.resolve(model_uri)
-    directory = tracking.load_artifact_dir(f"models:/{ref['name']}/{ref['version']}")
+    found = local_registry.resolve(tracking_uri, model_uri)
+    if found is not None:
+        ref, directory = found
+    else:
+        from training import tracking
+
+        tracking.use(tracking_uri)
+        ref = tracking.resolve(model_uri)
+        directory = tracking.load_artifact_dir(f"models:/{ref['name']}/{ref['version']}")
     try:
         meta = read_meta(directory)
         model = ScoredModel(
@@ -163,7 +178,7 @@ def resolve_model(model_uri: str, tracking_uri: str
             threshold=float(meta.get("threshold", 0.0)), embed_dim=embed_dim(directory, meta),
             input=str(meta["input"]), architecture=meta["model"])
     except BaseException:
-        tracking.remove_artifact_dir(directory)
+        local_registry.remove_artifact_dir(directory)
         raise
     return model, dict(meta["feature_config"]), directory
 
@@ -230,9 +245,9 @@ class ScoreStart:
     def release(self) -> None:
         """Remove :attr:`model_dir` (after the run)."""
         if self.model_dir:
-            from training import tracking
+            from training.local_registry import remove_artifact_dir
 
-            tracking.remove_artifact_dir(self.model_dir)
+            remove_artifact_dir(self.model_dir)
 
 
 def start_score(store: str, model_uri: str, *, source: str | None = None,
@@ -240,7 +255,7 @@ def start_score(store: str, model_uri: str, *, source: str | None = None,
     """Resolve the model and, without ``source`` (nothing to ingest first), find out whether
     there is anything to score (:func:`already_scored`).
     """
-    from training import tracking
+    from training.local_registry import remove_artifact_dir
 
     fstore = FeatureStore(store, create=source is not None)
     uri = tracking_uri_for(fstore, tracking_uri)
@@ -252,7 +267,7 @@ def start_score(store: str, model_uri: str, *, source: str | None = None,
         return ScoreStart(fstore, uri, model, config, done, directory if keep else None)
     finally:
         if not keep:
-            tracking.remove_artifact_dir(directory)
+            remove_artifact_dir(directory)
 
 
 def summary_json(summary: ScoreSummary) -> str:

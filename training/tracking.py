@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import tempfile
 import warnings
 from collections.abc import Iterator
@@ -26,6 +25,7 @@ from mlflow.types.schema import ColSpec, ParamSchema, ParamSpec, Schema, TensorS
 
 from featurestore.store import FeatureStore
 from tasks.errors import StoreError
+from training import local_registry
 
 CANDIDATE, CHAMPION = "candidate", "champion"
 
@@ -36,17 +36,10 @@ def configure(store: FeatureStore) -> str:
     Raises
     ------
     StoreError
-        For an object-store store without ``MLFLOW_TRACKING_URI``: a registry must be shared
-        by every machine that scores, so it cannot be a file on one of them.
+        For an object-store store without ``MLFLOW_TRACKING_URI``
+        (:func:`training.local_registry.store_uri`).
     """
-    uri = os.environ.get("MLFLOW_TRACKING_URI")
-    if not uri:
-        if not store.is_local:
-            raise StoreError(f"store {store.url} is on an object store: set "
-                             "MLFLOW_TRACKING_URI to an MLflow server (`mtag stack up` runs "
-                             "one) or a database URI")
-        os.makedirs(store.mlflow_dir(), exist_ok=True)
-        uri = f"sqlite:///{store.mlflow_db()}"
+    uri = local_registry.store_uri(store)
     mlflow.set_tracking_uri(uri)
     mlflow.set_registry_uri(uri)
     return uri
@@ -240,26 +233,17 @@ def set_alias(name: str, alias: str, version: str) -> None:
     MlflowClient().set_registered_model_alias(name, alias, version)
 
 
-_DOWNLOAD_PREFIX = "mtag-model-"
-
-
 def load_artifact_dir(model_uri: str) -> str:
     """Download a registered model's tagger artifact folder into a new temporary folder;
     return the local path (:func:`remove_artifact_dir` removes the download).
     """
     local = mlflow.artifacts.download_artifacts(
-        artifact_uri=model_uri, dst_path=tempfile.mkdtemp(prefix=_DOWNLOAD_PREFIX))
-    return os.path.join(local, "artifacts", "artifact")
+        artifact_uri=model_uri,
+        dst_path=tempfile.mkdtemp(prefix=local_registry.DOWNLOAD_PREFIX))
+    return os.path.join(local, *local_registry.TAGGER_DIR)
 
 
-def remove_artifact_dir(directory: str) -> None:
-    """Remove the temporary download behind a :func:`load_artifact_dir` path (nothing for a
-    folder that is not one).
-    """
-    root = os.path.dirname(os.path.dirname(os.path.abspath(directory)))
-    if os.path.basename(root).startswith(_DOWNLOAD_PREFIX) and \
-            os.path.dirname(root) == os.path.abspath(tempfile.gettempdir()):
-        shutil.rmtree(root, ignore_errors=True)
+remove_artifact_dir = local_registry.remove_artifact_dir
 
 
 def load_pyfunc(model_uri: str) -> Any:
