@@ -627,7 +627,10 @@ def evaluate_model(store: str, labels: str, model_uri: str, *, split: str | None
         raise ParameterError(f"cannot load model {model_uri} from the MLflow registry "
                              f"({_first_line(str(exc))}); check its name and alias or "
                              "version in the MLflow UI") from exc
-    predictor = load_artifact(artifact_dir)
+    try:
+        predictor = load_artifact(artifact_dir)  # read whole: the download can go at once
+    finally:
+        tracking.remove_artifact_dir(artifact_dir)
     fs = predictor.meta["feature_set"]
     if fs not in {r["feature_set"] for r in fstore.feature_sets()}:
         raise StoreError(f"model {model_uri} was trained on feature set {fs}, which store "

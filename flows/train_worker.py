@@ -193,7 +193,11 @@ def _versus_champion(prep: Prepared, name: str, cand_f1: float) -> dict[str, Any
     champion = tracking.alias_version(name, tracking.CHAMPION)
     if champion is None:
         return {"promoted": True, "reason": "no champion yet"}
-    champ = load_artifact(tracking.load_artifact_dir(f"models:/{name}/{champion.version}"))
+    directory = tracking.load_artifact_dir(f"models:/{name}/{champion.version}")
+    try:
+        champ = load_artifact(directory)  # read whole: the download can go at once
+    finally:
+        tracking.remove_artifact_dir(directory)
     if champ.meta["feature_set"] != prep.feature_set:
         return {"promoted": True, "champion_version": champion.version,
                 "reason": f"champion v{champion.version} uses feature set "
