@@ -135,3 +135,12 @@ def write_shard(store, shard_id, tracks, *, spill_bytes=64 << 20, fail=(), stagi
     if not staging:
         shutil.rmtree(scratch)
     return w.written, scratch
+
+
+def model_downloads() -> set[str]:
+    """Names of the model downloads and copies now in the temporary folder."""
+    import tempfile
+
+    from training.local_registry import DOWNLOAD_PREFIX
+
+    return {d for d in os.listdir(tempfile.gettempdir()) if d.startswith(DOWNLOAD_PREFIX)}

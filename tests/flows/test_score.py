@@ -7,7 +7,7 @@ import shutil
 
 import numpy as np
 import pytest
-from factories import write
+from factories import model_downloads, write
 
 from featurestore.query import connect, run_query
 from featurestore.scores import ScoreStore
@@ -131,25 +131,19 @@ def test_rescoring_is_a_no_op_and_crash_leftovers_are_removed(scored, dask_addre
     assert _query(store, "SELECT count(*) AS n FROM scores")["n"][0] == 48
 
 
-def _downloads():
-    import tempfile
-
-    return {d for d in os.listdir(tempfile.gettempdir()) if d.startswith("mtag-model-")}
-
-
 def test_workers_load_the_commands_download_and_no_download_is_left(scored):
     from flows.score_preflight import resolve_model, start_score, tracking_uri_for
     from flows.score_worker import load_predictor
 
     store, _, _ = scored
-    before = _downloads()
+    before = model_downloads()
     start = start_score(store, f"models:/{NAME}@champion")  # nothing left to score
     assert start.done is not None and start.model_dir is None
-    assert _downloads() == before
+    assert model_downloads() == before
     uri = tracking_uri_for(FeatureStore(store))
     model, _, directory = resolve_model(f"models:/{NAME}@champion", uri)
     try:
-        assert _downloads() != before and os.path.isfile(os.path.join(directory, "meta.json"))
+        assert model_downloads() != before and os.path.isfile(os.path.join(directory, "meta.json"))
         # from the folder: MLflow is never asked (this tracking URI names no database)
         local = load_predictor("sqlite:////nonexistent/mlflow.db", model.uri, "cpu", directory)
         # without one: downloaded, loaded, and the download removed
@@ -161,7 +155,7 @@ def test_workers_load_the_commands_download_and_no_download_is_left(scored):
         from training.local_registry import remove_artifact_dir
 
         remove_artifact_dir(directory)
-    assert _downloads() == before
+    assert model_downloads() == before
 
 
 def _files(directory):
@@ -183,7 +177,7 @@ def test_the_embedded_registry_is_read_as_mlflow_reads_it(scored, tmp_path, monk
 
     store, _, _ = scored
     uri = tracking_uri_for(FeatureStore(store))
-    before = _downloads()
+    before = model_downloads()
     for ref in (f"models:/{NAME}@champion", f"models:/{NAME}/1"):
         found = local_registry.resolve(uri, ref)
         # None here means the installed MLflow writes a schema revision this code was not
@@ -198,7 +192,7 @@ def test_the_embedded_registry_is_read_as_mlflow_reads_it(scored, tmp_path, monk
         finally:
             local_registry.remove_artifact_dir(directory)
             local_registry.remove_artifact_dir(fetched)
-    assert _downloads() == before
+    assert model_downloads() == before
     for missing in (f"models:/{NAME}@nope", f"models:/{NAME}/99", "models:/nobody@champion",
                     f"models:/{NAME}", "runs:/abc/model"):
         assert local_registry.resolve(uri, missing) is None, missing
@@ -222,7 +216,7 @@ def test_the_embedded_registry_is_read_as_mlflow_reads_it(scored, tmp_path, monk
     monkeypatch.setenv("MLFLOW_REGISTRY_URI", "http://127.0.0.1:1/")
     assert local_registry.resolve(uri, f"models:/{NAME}@champion") is None
     monkeypatch.delenv("MLFLOW_REGISTRY_URI")
-    assert _downloads() == before
+    assert model_downloads() == before
 
     # the command's start, in a process of its own, never imports MLflow (nor torch)
     import subprocess

@@ -2,11 +2,10 @@
 
 from __future__ import annotations
 
-import os
-
 import mlflow
 import numpy as np
 import pytest
+from factories import model_downloads
 from mlflow import MlflowClient
 
 from featurestore.store import FeatureStore
@@ -123,7 +122,7 @@ def test_train_flow_registers_promotes_and_reloads(labelled_store, mlflow_env, t
 
     # a weaker candidate (one optimisation step) does not take the champion alias; the
     # champion's download for that comparison, and evaluate's below, are removed
-    downloads = _downloads()
+    downloads = model_downloads()
     second = train_flow(store=store, labels=labels, model="mfcc_cnn", registered_name=name,
                          valid_size=0.2, test_size=0.2, workdir=str(tmp_path / "w2"),
                          train_config={"epochs": 1, "max_steps": 1, "batch_size": 8},
@@ -147,15 +146,7 @@ def test_train_flow_registers_promotes_and_reloads(labelled_store, mlflow_env, t
     track, seg, _ = evaluate_model(store, labels, f"models:/{name}@champion")
     assert track["n"] == 48 and seg["n"] > 48
     assert track["accuracy"] > 0.6
-    assert _downloads() == downloads
-
-
-def _downloads():
-    import tempfile
-
-    from training.local_registry import DOWNLOAD_PREFIX
-
-    return {d for d in os.listdir(tempfile.gettempdir()) if d.startswith(DOWNLOAD_PREFIX)}
+    assert model_downloads() == downloads
 
 
 def test_auto_chooses_by_cross_validation_and_refits_on_train_and_valid(
