@@ -313,7 +313,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--mixup", type=float, help="mixup alpha (0 = off)")
     p.add_argument("--crop-frames", type=int, help="random crops of this many frames")
     p.add_argument("--model-params", help='JSON of model config fields, e.g. {"channels": 64}')
-    p.add_argument("--workdir", help="checkpoints and artifacts (default: a temp folder)")
+    p.add_argument("--workdir", help="checkpoints and artifacts, kept so that a run with the "
+                   "same folder resumes (default: a temporary folder, removed at the end)")
     p.add_argument("--as-of", help="rebuild a past training set: a tracks table version "
                    "(see the run's table_versions param) or an ISO timestamp")
     p.set_defaults(func=cmd_train)

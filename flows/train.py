@@ -26,6 +26,7 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import shutil
 import tempfile
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
@@ -54,6 +55,8 @@ DEFAULT_NAME = "mtag-tagger"
 SMALL_DATA_TRACKS = 300
 CANDIDATE_NAMES = (*MODEL_NAMES, ENSEMBLE)
 """What ``--candidates`` may name."""
+WORK_PREFIX = "mtag-train-"
+"""Prefix of the temporary folder a run without ``workdir`` trains in (removed at its end)."""
 
 
 CPU_AUTO_PARAMS: dict[str, dict[str, Any]] = {
@@ -483,25 +486,29 @@ def train_flow(store: str, labels: str, model: str = "auto", registered_name: st
     params = {c: auto_params(c, accelerated=accelerated) if several else model_params
               for c in candidates if c != ENSEMBLE}
     folds = cv_folds(prep.labels.frame, prep.splits, seed=tc.seed) if cv else None
-    work = workdir or tempfile.mkdtemp(prefix="mtag-train-")
-    flow_run = run_id()
-    logger.info("flow run %s: training %s on %s", flow_run, model, store)
-    with tracking.parent_run(exp, f"train-{model}", {"prefect_flow_run_id": flow_run}
-                             if flow_run else None) as parent_id:
-        results = _fit_candidates(prep, params, work, tc, name, folds)
-        if ENSEMBLE in candidates:
-            results += _ensemble(prep, results, model, ensemble_size, work, tc, name, folds)
-        best, selection = _select(results, candidates, folds,
-                                  forced=ENSEMBLE if model == ENSEMBLE else None)
-        logger.info("%s", selection_line(selection))
-        tracking.log_params({"best_model": best["model"], "candidates": candidates,
-                             "selection": selection["regime"]}
-                            | ({"best_members": [m["model"] for m in best["members"]]}
-                               if best.get("members") else {}))
-        tracking.log_metrics({f"cv_{row['model']}_{k}": row[k] for row in
-                              selection.get("table", []) for k in ("mean", "std", "se")})
-        tracking.log_document(selection, "model_choice.json")
-        decision = promote_task(prep, best, name)
+    with _work_folder(workdir) as work:
+        flow_run = run_id()
+        logger.info("flow run %s: training %s on %s", flow_run, model, store)
+        with tracking.parent_run(exp, f"train-{model}", {"prefect_flow_run_id": flow_run}
+                                 if flow_run else None) as parent_id:
+            results = _fit_candidates(prep, params, work, tc, name, folds)
+            if ENSEMBLE in candidates:
+                results += _ensemble(prep, results, model, ensemble_size, work, tc, name,
+                                     folds)
+            best, selection = _select(results, candidates, folds,
+                                      forced=ENSEMBLE if model == ENSEMBLE else None)
+            logger.info("%s", selection_line(selection))
+            tracking.log_params({"best_model": best["model"], "candidates": candidates,
+                                 "selection": selection["regime"]}
+                                | ({"best_members": [m["model"] for m in best["members"]]}
+                                   if best.get("members") else {}))
+            tracking.log_metrics({f"cv_{row['model']}_{k}": row[k] for row in
+                                  selection.get("table", []) for k in ("mean", "std", "se")})
+            tracking.log_document(selection, "model_choice.json")
+            decision = promote_task(prep, best, name)
+    if workdir is None:  # the folder is gone: its paths would lead nowhere
+        for res in results:
+            res.update(artifact_dir=None, held_out=None)
     summary = TrainSummary(
         registered_name=name, best=best, candidates=results, promotion=decision,
         parent_run_id=parent_id,
@@ -509,6 +516,23 @@ def train_flow(store: str, labels: str, model: str = "auto", registered_name: st
         labels_report=prep.labels.report(), split=prep.split_counts(), selection=selection)
     _publish(summary)
     return summary
+
+
+@contextlib.contextmanager
+def _work_folder(workdir: str | None) -> Iterator[str]:
+    """``workdir`` (kept: its checkpoints let a run with the same folder resume), or a
+    temporary folder removed when the run ends, failed or not (every model in it has been
+    logged to MLflow by then; a run in a fresh temporary folder could never resume from it,
+    and each left 7-43 MB behind).
+    """
+    if workdir is not None:
+        yield workdir
+        return
+    work = tempfile.mkdtemp(prefix=WORK_PREFIX)
+    try:
+        yield work
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
 
 
 def _fit_candidates(prep: Prepared, params: dict[str, dict[str, Any] | None], work: str,

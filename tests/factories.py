@@ -137,10 +137,15 @@ def write_shard(store, shard_id, tracks, *, spill_bytes=64 << 20, fail=(), stagi
     return w.written, scratch
 
 
-def model_downloads() -> set[str]:
-    """Names of the model downloads and copies now in the temporary folder."""
+def temp_entries(prefix: str) -> set[str]:
+    """Names in the temporary folder that start with ``prefix``."""
     import tempfile
 
+    return {d for d in os.listdir(tempfile.gettempdir()) if d.startswith(prefix)}
+
+
+def model_downloads() -> set[str]:
+    """Names of the model downloads and copies now in the temporary folder."""
     from training.local_registry import DOWNLOAD_PREFIX
 
-    return {d for d in os.listdir(tempfile.gettempdir()) if d.startswith(DOWNLOAD_PREFIX)}
+    return temp_entries(DOWNLOAD_PREFIX)

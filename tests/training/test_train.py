@@ -5,7 +5,7 @@ from __future__ import annotations
 import mlflow
 import numpy as np
 import pytest
-from factories import model_downloads
+from factories import model_downloads, temp_entries
 from mlflow import MlflowClient
 
 from featurestore.store import FeatureStore
@@ -88,7 +88,7 @@ def test_resume_from_checkpoint_continues(prep, tmp_path):
 
 def test_train_flow_registers_promotes_and_reloads(labelled_store, mlflow_env, tmp_path,
                                                    prefect_harness):
-    from flows.train import evaluate_model, train_flow
+    from flows.train import WORK_PREFIX, evaluate_model, train_flow
 
     store, labels, _ = labelled_store
     name = f"test-{tmp_path.name}"[:60]
@@ -121,12 +121,15 @@ def test_train_flow_registers_promotes_and_reloads(labelled_store, mlflow_env, t
         mlflow.get_tracking_uri()
 
     # a weaker candidate (one optimisation step) does not take the champion alias; the
-    # champion's download for that comparison, and evaluate's below, are removed
-    downloads = model_downloads()
+    # champion's download for that comparison, and evaluate's below, are removed, and so is
+    # the temporary folder a run without a workdir trains in
+    downloads, folders = model_downloads(), temp_entries(WORK_PREFIX)
     second = train_flow(store=store, labels=labels, model="mfcc_cnn", registered_name=name,
-                         valid_size=0.2, test_size=0.2, workdir=str(tmp_path / "w2"),
+                         valid_size=0.2, test_size=0.2,
                          train_config={"epochs": 1, "max_steps": 1, "batch_size": 8},
                          model_params={"channels": [4, 4, 4], "embed_dim": 8})
+    assert temp_entries(WORK_PREFIX) == folders
+    assert second.best["artifact_dir"] is None and second.best["held_out"] is None
     promo = second.promotion
     assert promo["version"] == "2" and not promo["promoted"], promo
     assert promo["champion_test_macro_f1"] >= promo["candidate_test_macro_f1"]
