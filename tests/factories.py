@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import os
 from collections.abc import Iterable, Mapping
+from typing import Any
 
 import numpy as np
 import soundfile as sf
@@ -149,3 +150,17 @@ def model_downloads() -> set[str]:
     from training.local_registry import DOWNLOAD_PREFIX
 
     return temp_entries(DOWNLOAD_PREFIX)
+
+
+def load_registered(model_uri: str, **kwargs: Any) -> Any:
+    """The tagger of a registered model, loaded whole from a download that is then removed
+    (``kwargs`` go to :func:`training.artifact.load`).
+    """
+    from training import tracking
+    from training.artifact import load
+
+    directory = tracking.load_artifact_dir(model_uri)
+    try:
+        return load(directory, **kwargs)
+    finally:
+        tracking.remove_artifact_dir(directory)

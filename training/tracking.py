@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import tempfile
 import warnings
 from collections.abc import Iterator
@@ -237,9 +238,12 @@ def load_artifact_dir(model_uri: str) -> str:
     """Download a registered model's tagger artifact folder into a new temporary folder;
     return the local path (:func:`remove_artifact_dir` removes the download).
     """
-    local = mlflow.artifacts.download_artifacts(
-        artifact_uri=model_uri,
-        dst_path=tempfile.mkdtemp(prefix=local_registry.DOWNLOAD_PREFIX))
+    target = tempfile.mkdtemp(prefix=local_registry.DOWNLOAD_PREFIX)
+    try:
+        local = mlflow.artifacts.download_artifacts(artifact_uri=model_uri, dst_path=target)
+    except BaseException:  # no such model, alias or version: nothing may stay behind
+        shutil.rmtree(target, ignore_errors=True)
+        raise
     return os.path.join(local, *local_registry.TAGGER_DIR)
 
 

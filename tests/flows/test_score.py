@@ -7,7 +7,7 @@ import shutil
 
 import numpy as np
 import pytest
-from factories import model_downloads, write
+from factories import load_registered, model_downloads, write
 
 from featurestore.query import connect, run_query
 from featurestore.scores import ScoreStore
@@ -85,11 +85,10 @@ def test_scores_match_the_registered_model_on_stored_features(scored):
     from featurestore.reader import TensorReader
     from tasks.predictions import l2_normalize
     from training import tracking
-    from training.artifact import load
 
     store, _, _ = scored
     tracking.configure(FeatureStore(store))
-    predictor = load(tracking.load_artifact_dir(f"models:/{NAME}/1"), device="cpu")
+    predictor = load_registered(f"models:/{NAME}/1", device="cpu")
     reader = TensorReader(FeatureStore(store))
     row = _query(store, "SELECT track_id, probabilities, embedding, confident, novelty "
                         "FROM scores ORDER BY track_id LIMIT 1").iloc[0]

@@ -12,6 +12,7 @@ import sys
 import mlflow
 import numpy as np
 import pytest
+from factories import load_registered
 from mlflow import MlflowClient
 
 from featurestore.query import connect, run_query
@@ -212,7 +213,7 @@ def test_model_ensemble_of_mixed_inputs_registers_one_model(mixed):
     assert {m["model"] for m in best["members"]} == {"linear", "gbm", "mfcc_cnn"}
     assert summary.promotion["version"] == "1"
     assert MlflowClient().get_model_version("ens", "1").tags["model"] == "ensemble"
-    ens = load(tracking.load_artifact_dir("models:/ens@champion"), device="cpu")
+    ens = load_registered("models:/ens@champion", device="cpu")
     assert isinstance(ens, Ensemble) and ens.input == MIXED
     assert set(ens.meta["inputs"]) == {"summary", "mfcc"}
     # the open-set threshold: on the mean of the members' calibrated out-of-fold track
@@ -256,7 +257,7 @@ def test_score_and_neighbours_on_a_mixed_ensemble(mixed, dask_address):
     assert scored.tracks == 48 and scored.parts_failed == 0
     tracks = _query(store, "SELECT * FROM scores ORDER BY track_id")
     assert len(tracks) == 48 and set(tracks["model_name"]) == {"ens"}
-    ens = load(tracking.load_artifact_dir("models:/ens/1"), device="cpu")
+    ens = load_registered("models:/ens/1", device="cpu")
     emb = np.stack(tracks["embedding"].to_numpy())
     assert emb.shape == (48, ens.embed_dim)
     np.testing.assert_allclose(np.linalg.norm(emb, axis=1), 1.0, rtol=1e-5)

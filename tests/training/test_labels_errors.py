@@ -16,7 +16,7 @@ import subprocess
 import sys
 
 import pytest
-from factories import write_labels
+from factories import model_downloads, write_labels
 
 from tasks.errors import ParameterError
 
@@ -180,10 +180,12 @@ def test_evaluate_errors_are_one_line(cli, labelled_store, rows, tmp_path, mlflo
     assert line == (f"mtag: error: labels file {no_label} needs a label column (one of "
                     "'label', 'labels', 'tags', 'tag'); found columns ['path', 'artist']")
     good = write_labels(tmp_path / "good.csv", rows, FIELDS)
+    before = model_downloads()
     line = one_error(*cli("evaluate", "--store", store, "--labels", good,
                           "--model-uri", "models:/no-such-model@champion")[::2])
     assert "cannot load model models:/no-such-model@champion from the MLflow registry " \
            "(Registered Model with name=no-such-model not found)" in line, line
+    assert model_downloads() == before  # the failed download's folder went with it
 
 
 def test_error_inside_a_flow_run_is_not_printed_with_a_traceback(labelled_store, tmp_path,

@@ -5,7 +5,7 @@ from __future__ import annotations
 import mlflow
 import numpy as np
 import pytest
-from factories import model_downloads, temp_entries
+from factories import load_registered, model_downloads, temp_entries
 from mlflow import MlflowClient
 
 from featurestore.store import FeatureStore
@@ -155,7 +155,6 @@ def test_train_flow_registers_promotes_and_reloads(labelled_store, mlflow_env, t
 def test_auto_chooses_by_cross_validation_and_refits_on_train_and_valid(
         labelled_store, mlflow_env, tmp_path, prefect_harness):
     from flows.train import train_flow
-    from training.artifact import load
 
     store, labels, _ = labelled_store
     name = f"cv-{tmp_path.name}"[:60]
@@ -175,7 +174,7 @@ def test_auto_chooses_by_cross_validation_and_refits_on_train_and_valid(
     pool = summary.split["train"] + summary.split["valid"]
     assert summary.best["train_tracks"] == pool == 39
     version = MlflowClient().get_model_version_by_alias(name, "candidate")
-    predictor = load(tracking.load_artifact_dir(f"models:/{name}/{version.version}"))
+    predictor = load_registered(f"models:/{name}/{version.version}")
     assert predictor.meta["train_tracks"] == pool
     assert predictor.pooled == (summary.best["model"] == "linear")  # gbm: segment rows
     assert predictor.meta["temperature"] == summary.best["calibration"]["temperature"] != 1.0
