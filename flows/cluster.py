@@ -22,14 +22,6 @@ WORKER_ENV = {
     # thresholds let the allocator reuse those blocks; memory stays bounded by one chunk.
     "MALLOC_TRIM_THRESHOLD_": str(256 << 20),
     "MALLOC_MMAP_THRESHOLD_": str(64 << 20),
-    # A Dask task runs in a thread of the worker's pool, and glibc gives such a thread an
-    # arena of its own, made of heaps of at most 64 MiB that are mapped and unmapped as they
-    # fill and empty, whatever the thresholds above say: a scoring batch's tens of MB of
-    # activations, or a long track's STFT, page-faulted its memory in again every time
-    # (1.8 M faults for one part of 5,662 tracks). One arena, the main one, grows and keeps
-    # its memory like the process's main thread does (decision 77). Workers here run one
-    # task thread; raise it for workers of many threads.
-    "MALLOC_ARENA_MAX": "1",
 }
 """Environment for worker processes; give workers of an external cluster the same."""
 

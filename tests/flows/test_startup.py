@@ -230,35 +230,6 @@ def test_a_fork_server_started_early_gives_workers_the_pre_spawn_environment():
     assert set(ast.literal_eval(worker[4])) == {1}, worker
 
 
-def test_a_task_thread_of_a_worker_keeps_its_memory_between_allocations():
-    """A task runs in a thread of the worker's pool; glibc gave such a thread an arena of
-    64-MiB heaps that it mapped and unmapped as they filled and emptied, so every large
-    temporary page-faulted its memory in again (a scoring part: 1.8 M faults, 3 x the CPU).
-    With WORKER_ENV's single arena, later rounds of the same temporaries fault nothing."""
-    out = run_python("""
-        import resource
-        import numpy as np
-        from flows.cluster import dask_cluster
-
-        def faults():
-            counts = []
-            for _ in range(10):
-                before = resource.getrusage(resource.RUSAGE_THREAD).ru_minflt
-                # three 30-MiB temporaries alive at once, as a batch's activations are
-                held = [np.ones(30 << 18, np.float32) for _ in range(3)]
-                del held
-                counts.append(resource.getrusage(resource.RUSAGE_THREAD).ru_minflt - before)
-            return counts
-
-        with dask_cluster(n_workers=1) as cluster:
-            print("task", cluster.client.submit(faults, pure=False).result())
-    """)
-    assert out.returncode == 0, out.stderr
-    counts = ast.literal_eval(out.stdout.split("task ", 1)[1].strip())
-    assert counts[0] > 200, counts  # the first round faults its memory in
-    assert max(counts[2:]) < 100, counts  # the later ones reuse it (527 each with arenas)
-
-
 def test_workers_get_dasks_pre_spawn_environment_with_ours_over_it():
     """One environment for both ways a local worker starts (a cluster's nanny, the early
     fork server): Dask's one-thread defaults, a user's own entries, and the allocator
