@@ -27,7 +27,7 @@ demo: setup
 
 # the whole suite, then ruff and mypy (CI runs this through .ci/run)
 test: setup
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q --durations=20
 	$(BIN)/ruff check flows tasks featurestore training infra tests bench
 	$(BIN)/mypy
 

@@ -155,17 +155,33 @@ def _settings_allow(tracking_uri: str) -> bool:
     return not any(k.startswith("MLFLOW_") and "WORKSPACE" in k for k in os.environ)
 
 
-def _parse(model_uri: str) -> tuple[str, str | None, str | None] | None:
-    """``(name, alias, None)`` or ``(name, None, version)``; None for another form."""
+def split_model_uri(model_uri: str) -> tuple[str, str | None, str | None] | None:
+    """``(name, alias, version)`` of ``models:/NAME@ALIAS`` (version None) or
+    ``models:/NAME/VERSION`` (alias None), unchecked; both None when the rest is neither
+    form, and None for a URI that is not ``models:/``.
+    """
     if not model_uri.startswith("models:/"):
         return None
     ref = model_uri[len("models:/"):].strip("/")
     if "@" in ref:
         name, alias = ref.rsplit("@", 1)
-        return (name, alias, None) if name and alias else None
+        return name, alias, None
     if "/" in ref:
         name, version = ref.rsplit("/", 1)
-        return (name, None, version) if name and version.isdigit() else None
+        return name, None, version
+    return ref, None, None
+
+
+def _parse(model_uri: str) -> tuple[str, str | None, str | None] | None:
+    """:func:`split_model_uri` where it names a version or an alias this module reads (a
+    name and an alias, or a name and a numeric version); None for anything else.
+    """
+    split = split_model_uri(model_uri)
+    if split is None:
+        return None
+    name, alias, version = split
+    if name and (alias or (version and version.isdigit())):
+        return split
     return None
 
 

@@ -66,16 +66,15 @@ def resolve(model_uri: str) -> dict[str, str]:
     StoreError
         If the URI is not a registry URI or names no registered version.
     """
-    if not model_uri.startswith("models:/"):
+    split = local_registry.split_model_uri(model_uri)
+    if split is None:
         raise StoreError(f"expected models:/NAME@ALIAS or models:/NAME/VERSION, got {model_uri!r}")
-    ref = model_uri[len("models:/"):].strip("/")
+    name, alias, version = split
     client = MlflowClient()
     try:
-        if "@" in ref:
-            name, alias = ref.rsplit("@", 1)
+        if alias is not None:
             mv = client.get_model_version_by_alias(name, alias)
-        elif "/" in ref:
-            name, version = ref.rsplit("/", 1)
+        elif version is not None:
             mv = client.get_model_version(name, version)
         else:
             raise StoreError(f"{model_uri!r} names no version or alias "

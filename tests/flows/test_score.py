@@ -166,6 +166,24 @@ def _files(directory):
     return out
 
 
+@pytest.mark.parametrize(("uri", "split", "read"), [
+    ("models:/tagger@champion", ("tagger", "champion", None), True),
+    ("models:/a/b@c/", ("a/b", "c", None), True),
+    ("models:/tagger/3", ("tagger", None, "3"), True),
+    ("models:/tagger/latest", ("tagger", None, "latest"), False),  # MLflow's to answer
+    ("models:/tagger", ("tagger", None, None), False),
+    ("models:/@champion", ("", "champion", None), False),
+    ("runs:/abc/model", None, False),
+])
+def test_model_uris_split_once_for_the_registry_and_mlflow(uri, split, read):
+    """One reading of a model URI serves tracking.resolve and the embedded registry; the
+    registry answers only the forms it can answer as MLflow would."""
+    from training import local_registry
+
+    assert local_registry.split_model_uri(uri) == split
+    assert (local_registry._parse(uri) is not None) == read
+
+
 def test_the_embedded_registry_is_read_as_mlflow_reads_it(scored, tmp_path, monkeypatch):
     """The score command's MLflow-free lookup gives MLflow's answer and a copy of the same
     folder, and leaves to MLflow whatever it cannot be sure of."""
